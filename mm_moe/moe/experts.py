@@ -1,0 +1,125 @@
+"""GroupedExperts: E expert FFNs as stacked weights, with dropless sort-based dispatch.
+
+Assignments are sorted by expert so every expert sees one contiguous block of rows; the blocks are
+multiplied with `torch._grouped_mm` where it applies (CPU fp32/bf16, CUDA bf16 on sm90+, 16-byte
+aligned rows) and with one mm per expert over `unbind` views otherwise. A stacked weight is never
+indexed per expert inside a loop: that would build a full-size gradient for every expert.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Activation = Literal["gelu", "swiglu"]
+
+
+def activate(h: Tensor, gate: Tensor | None) -> Tensor:
+    """GELU(h), or SwiGLU silu(gate) * h when a gate projection is given."""
+    return F.gelu(h) if gate is None else F.silu(gate) * h
+
+
+def _init_uniform(t: Tensor, fan_in: int) -> None:
+    """nn.Linear's default init, applied to a stacked weight or bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(t, -bound, bound)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_applies(device: torch.device, dtype: torch.dtype, *row_sizes: int) -> bool:
+    """Whether torch._grouped_mm runs for this device/dtype with rows of these sizes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(n * torch.empty((), dtype=dtype).element_size() % 16 for n in row_sizes):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return False
+
+
+class GroupedExperts(nn.Module):
+    """E FFN experts d_in -> d_hidden -> d_in held as stacked parameters.
+
+    w1: [E, d_in, d_hidden], w2: [E, d_hidden, d_in] (+ w3 gate for SwiGLU, optional b1/b2 biases).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        d_hidden: int,
+        activation: Activation = "gelu",
+        *,
+        bias: bool = False,
+        dispatch: Literal["auto", "grouped_mm", "loop"] = "auto",
+    ) -> None:
+        super().__init__()
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"GroupedExperts: activation must be 'gelu' or 'swiglu', got {activation!r}")
+        self.num_experts, self.d_in, self.d_hidden = num_experts, d_in, d_hidden
+        self.activation = activation
+        self.dispatch = dispatch
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_in))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden)) if activation == "swiglu" else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_in)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, fan_in in ((self.w1, self.d_in), (self.w3, self.d_in), (self.b1, self.d_in),
+                          (self.w2, self.d_hidden), (self.b2, self.d_hidden)):
+            if w is not None:
+                _init_uniform(w, fan_in)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_in={self.d_in}, d_hidden={self.d_hidden}, activation={self.activation}"
+
+    def _use_grouped_mm(self, x: Tensor) -> bool:
+        if self.dispatch != "auto":
+            return self.dispatch == "grouped_mm"
+        return grouped_mm_applies(x.device, x.dtype, self.d_in, self.d_hidden)
+
+    def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
+        """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
+        t, k = expert_idx.shape
+        e = self.num_experts
+        dtype = _compute_dtype(x)
+        flat = expert_idx.reshape(-1)  # [T*k]
+        key = torch.where(flat < 0, e, flat)  # skipped assignments sort last
+        order = torch.argsort(key, stable=True)  # [T*k]
+        counts = torch.bincount(key, minlength=e + 1)[:e]  # [E]
+        n = int(counts.sum())
+        order = order[:n]  # [N] kept assignments, grouped by expert
+        token = order // k  # [N] token served by each row
+        xs = x[token].to(dtype)  # [N, d_in]
+        offs = torch.cumsum(counts, 0).to(torch.int32) if self._use_grouped_mm(xs) else None
+        sizes = counts.tolist() if offs is None else None
+
+        def mm(a: Tensor, w: Tensor) -> Tensor:  # [N, i] x [E, i, o] -> [N, o], block by block
+            w = w.to(dtype)
+            if offs is not None:
+                return torch._grouped_mm(a, w, offs=offs)
+            return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0))])
+
+        expert_of_row = key[order]  # [N]
+        h = mm(xs, self.w1)  # [N, d_hidden]
+        if self.b1 is not None:
+            h = h + self.b1.to(dtype)[expert_of_row]
+        h = activate(h, mm(xs, self.w3) if self.w3 is not None else None)
+        y = mm(h, self.w2)  # [N, d_in]
+        if self.b2 is not None:
+            y = y + self.b2.to(dtype)[expert_of_row]
+        y = y * weights.reshape(-1)[order].to(dtype)[:, None]
+        return y.new_zeros(t, self.d_in).index_add_(0, token, y)  # [T, d_in]

@@ -1,0 +1,179 @@
+"""FFN layers: DenseFFN, SparseMoE (top-k / X-MoE / shared experts), MHMoE, CartesianMoE, and `build_ffn`.
+
+Contract (design.md): `forward(x[..., d], *, padding_mask=None) -> [..., d]`; after forward,
+`layer.aux_loss` (weighted scalar, 0 for dense) and `layer.last_stats` (RoutingStats, None for dense).
+Padding tokens are not dispatched to routed experts (their routed output is 0) and never count in
+statistics or the balance loss.
+
+A layer with `owns_residual_norm = True` (CartesianMoE) wants the un-normalised residual stream,
+because it normalises before each of its two sub-layers itself; it still returns only the update
+that the block adds to the residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe.experts import GroupedExperts, activate
+from mm_moe.moe.routing import RouterOutput, build_router
+from mm_moe.moe.stats import RoutingStats
+
+
+def _flatten(x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x[..., d] -> (x[T, d], valid Bool[T]); checks the padding mask's shape."""
+    if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
+        raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} must equal x.shape[:-1] = {tuple(x.shape[:-1])}")
+    flat = x.reshape(-1, x.shape[-1])
+    if padding_mask is None:
+        return flat, torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
+    return flat, ~padding_mask.reshape(-1)
+
+
+class DenseFFN(nn.Module):
+    """Position-wise FFN d -> hidden -> d, GELU or SwiGLU."""
+
+    owns_residual_norm = False
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden, bias=bias)
+        self.gate = nn.Linear(d_model, hidden, bias=bias) if activation == "swiglu" else None
+        self.fc2 = nn.Linear(hidden, d_model, bias=bias)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+        self.aux_loss = x.new_zeros((), dtype=torch.float32)
+        return self.fc2(activate(self.fc1(x), self.gate(x) if self.gate is not None else None))
+
+
+class SparseMoE(nn.Module):
+    """Top-k MoE over full-width experts, optional always-on shared experts.
+
+    Covers SMoE (linear router), X-MoE (low-dim cosine router), fine-grained and shared-expert baselines.
+    """
+
+    owns_residual_norm = False
+
+    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+        super().__init__()
+        self.router = build_router(cfg, d_model)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
+        shared_hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
+        # n shared experts of inner size s are exactly one FFN of inner size n*s (their outputs add up)
+        self.shared = DenseFFN(d_model, shared_hidden, cfg.activation, cfg.bias) if shared_hidden else None
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+        flat, valid = _flatten(x, padding_mask)
+        r = self.router(flat, valid)
+        y = self.experts(flat, r.expert_idx, r.weights)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        self.aux_loss, self.last_stats = r.aux_loss, RoutingStats.from_router(r)
+        return y.reshape(x.shape)
+
+
+class MHMoE(nn.Module):
+    """Multi-Head MoE: head projection, split each token into h sub-tokens of d/h, route each, merge.
+
+    Sub-tokens are contiguous chunks of the projected token; each is routed top-k over E experts
+    mapping d/h -> hidden -> d/h; the h outputs are concatenated and passed through the merge projection.
+    """
+
+    owns_residual_norm = False
+
+    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+        super().__init__()
+        if d_model % cfg.heads:
+            raise ValueError(f"MHMoE: d_model={d_model} must be divisible by heads={cfg.heads}")
+        self.heads = cfg.heads
+        self.d_sub = d_model // cfg.heads
+        self.head = nn.Linear(d_model, d_model)
+        self.merge = nn.Linear(d_model, d_model)
+        self.router = build_router(cfg, self.d_sub)
+        self.experts = GroupedExperts(cfg.num_experts, self.d_sub, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
+        nn.init.xavier_uniform_(self.head.weight, gain=2**-0.5)
+        nn.init.zeros_(self.head.bias)
+        nn.init.xavier_uniform_(self.merge.weight)
+        nn.init.zeros_(self.merge.bias)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+        flat, valid = _flatten(x, padding_mask)
+        t = flat.shape[0]
+        sub = self.head(flat).reshape(t * self.heads, self.d_sub)  # [T*h, d/h]
+        r = self.router(sub, valid.repeat_interleave(self.heads))
+        y = self.experts(sub, r.expert_idx, r.weights).reshape(t, -1)  # [T, d]
+        self.aux_loss, self.last_stats = r.aux_loss, RoutingStats.from_router(r)
+        return self.merge(y).reshape(x.shape)
+
+
+class _RoutedGroup(nn.Module):
+    """One CartesianMoE sub-layer: norm, routed sub-experts, optional shared sub-expert mixed by a 2-way gate."""
+
+    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.router = build_router(cfg, d_model)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
+        shared_hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
+        self.shared = DenseFFN(d_model, shared_hidden, cfg.activation, cfg.bias) if shared_hidden else None
+        self.coef = nn.Linear(d_model, 2) if shared_hidden else None
+
+    def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, RouterOutput]:
+        h = self.norm(x)
+        r = self.router(h, valid)
+        y = self.experts(h, r.expert_idx, r.weights)
+        if self.shared is not None:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                c = torch.softmax(nn.functional.linear(h.float(), self.coef.weight.float(), self.coef.bias.float()), -1)
+            y = (y * c[:, :1] + self.shared(h) * c[:, 1:]).to(y.dtype)
+        return y, r
+
+
+class CartesianMoE(nn.Module):
+    """CartesianMoE: sub-expert groups A then B in sequence, so a token uses a pair (A_i, B_j).
+
+    x1 = x + A(N(x)); out = x1 + B(N'(x1)); forward returns out - x = yA + yB, the residual update.
+    Each group routes top-k (renormalised in the paper's setting) over its own sub-experts.
+    """
+
+    owns_residual_norm = True
+
+    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+        super().__init__()
+        self.group_a = _RoutedGroup(d_model, cfg)
+        self.group_b = _RoutedGroup(d_model, cfg)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+        flat, valid = _flatten(x, padding_mask)
+        ya, ra = self.group_a(flat, valid)
+        yb, rb = self.group_b(flat + ya, valid)
+        self.aux_loss = ra.aux_loss + rb.aux_loss
+        self.last_stats = RoutingStats.cartesian(ra, rb)
+        return (ya + yb).reshape(x.shape)
+
+
+_BUILDERS: dict[str, Callable[[int, FFNConfig], nn.Module]] = {
+    "dense": lambda d, cfg: DenseFFN(d, cfg.hidden, cfg.activation, cfg.bias),
+    "smoe": SparseMoE,
+    "xmoe": SparseMoE,
+    "mhmoe": MHMoE,
+    "cartesian": CartesianMoE,
+}
+
+
+def build_ffn(cfg: FFNConfig, d_model: int) -> nn.Module:
+    """The FFN layer described by `cfg` for model width `d_model`."""
+    if cfg.kind not in _BUILDERS:
+        raise ValueError(f"FFNConfig.kind must be one of {sorted(_BUILDERS)}, got {cfg.kind!r}")
+    return _BUILDERS[cfg.kind](d_model, cfg)

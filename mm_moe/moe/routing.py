@@ -1,0 +1,157 @@
+"""Routers (linear top-k, X-MoE low-dim cosine), capacity dropping, and the balance / z losses.
+
+All router math runs in float32, also under autocast: logits, softmax, top-k and losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm_moe.config import FFNConfig
+
+
+@dataclass
+class RouterOutput:
+    """What a router decided for T (sub-)tokens over E experts with top-k."""
+
+    expert_idx: Tensor  # Long[T, k]; -1 where nothing is dispatched (padding, or dropped over capacity)
+    weights: Tensor  # f32[T, k]; combine weights, 0 where expert_idx is -1
+    probs: Tensor  # f32[T, E]; full softmax over experts
+    logits: Tensor  # f32[T, E]
+    valid: Tensor  # Bool[T]; False for padding
+    aux_loss: Tensor  # f32 scalar; balance and z losses, already weighted by their coefficients
+
+
+def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor) -> Tensor:
+    """Switch/GShard load-balance loss E * sum_e f_e * P_e over valid tokens (padding excluded).
+
+    f_e: fraction of valid tokens whose top-1 expert is e; P_e: mean router probability of e.
+    """
+    num_experts = probs.shape[-1]
+    n = valid.sum().clamp_min(1)
+    f = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    f = f.index_add(0, top1, valid.to(probs.dtype)) / n  # [E]
+    p = (probs * valid[:, None]).sum(0) / n  # [E]
+    return num_experts * (f * p).sum()
+
+
+def z_loss(logits: Tensor, valid: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over valid tokens of logsumexp(logits)^2."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse.square() * valid).sum() / valid.sum().clamp_min(1)
+
+
+def drop_over_capacity(expert_idx: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Set to -1 the assignments past each expert's capacity.
+
+    Priority as in GShard: all first choices before any second choice, then token order.
+    """
+    t, k = expert_idx.shape
+    flat = expert_idx.t().reshape(-1)  # [k*T] choice-major
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=num_experts + 1)  # index 0 counts the -1s
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order] + 1]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    flat = flat.masked_fill((rank >= capacity) & (flat >= 0), -1)
+    return flat.reshape(k, t).t()
+
+
+class Router(nn.Module):
+    """Shared top-k routing: fp32 softmax, optional renormalisation, padding, capacity and aux losses."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        *,
+        renormalize: bool = False,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.capacity_factor = capacity_factor
+
+    def score(self, x: Tensor) -> Tensor:
+        """Router logits f32[T, E] for float32 input [T, d]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> RouterOutput:
+        """Route T tokens x[T, d]; `valid` (Bool[T]) marks non-padding tokens."""
+        if valid is None:
+            valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = self.score(x.float())  # [T, E] f32
+            probs = logits.softmax(dim=-1)
+            weights, expert_idx = probs.topk(self.top_k, dim=-1)  # [T, k]
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            aux = logits.new_zeros(())
+            if self.balance_coef:
+                aux = aux + self.balance_coef * balance_loss(probs, expert_idx[:, 0], valid)
+            if self.z_loss_coef:
+                aux = aux + self.z_loss_coef * z_loss(logits, valid)
+        expert_idx = expert_idx.masked_fill(~valid[:, None], -1)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * int(valid.sum()) * self.top_k / self.num_experts)
+            expert_idx = drop_over_capacity(expert_idx, self.num_experts, capacity)
+        weights = weights.masked_fill(expert_idx < 0, 0.0)
+        return RouterOutput(expert_idx, weights, probs, logits, valid, aux)
+
+
+class TopKRouter(Router):
+    """Linear router: logits = x W^T (no bias), softmax over experts, top-k."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, **kwargs) -> None:
+        super().__init__(num_experts, top_k, **kwargs)
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+    def score(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.proj.weight.float())
+
+
+class XMoERouter(Router):
+    """X-MoE router as in the official MH-MoE / torchscale code.
+
+    Tokens are projected to a `router_dim`-dim space; logits are dot products with L2-normalised
+    expert embeddings, which are kept at norm 1.5 (renormalised in place at each training forward).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, router_dim: int = 16, **kwargs) -> None:
+        super().__init__(num_experts, top_k, **kwargs)
+        self.reduction = nn.Linear(d_model, router_dim, bias=False)
+        self.expert_emb = nn.Parameter(torch.empty(num_experts, router_dim))
+        nn.init.orthogonal_(self.expert_emb, gain=0.32)
+
+    def score(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                # .data: keep autograd's version counter, so a graph built by an earlier forward stays valid
+                emb = self.expert_emb.data
+                emb.mul_(1.5 / emb.norm(dim=1, keepdim=True))
+        reduced = F.linear(x, self.reduction.weight.float())  # [T, r]
+        return reduced @ F.normalize(self.expert_emb.float(), dim=1, eps=1e-4).t()  # [T, E]
+
+
+def build_router(cfg: FFNConfig, d_in: int) -> Router:
+    """The router `cfg` asks for, over inputs of size `d_in`."""
+    kwargs = dict(
+        renormalize=cfg.renormalize,
+        balance_coef=cfg.balance_coef,
+        z_loss_coef=cfg.z_loss_coef,
+        capacity_factor=cfg.capacity_factor,
+    )
+    if cfg.router_kind == "xmoe":
+        return XMoERouter(d_in, cfg.num_experts, cfg.top_k, router_dim=cfg.router_dim, **kwargs)
+    return TopKRouter(d_in, cfg.num_experts, cfg.top_k, **kwargs)
