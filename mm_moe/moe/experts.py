@@ -51,7 +51,7 @@ def grouped_mm_applies(device: torch.device, dtype: torch.dtype, *row_sizes: int
 class GroupedExperts(nn.Module):
     """E FFN experts d_in -> d_hidden -> d_in held as stacked parameters.
 
-    w1: [E, d_in, d_hidden], w2: [E, d_hidden, d_in] (+ w3 gate for SwiGLU, optional b1/b2 biases).
+    w1: [E, d_in, d_hidden], w2: [E, d_hidden, d_in] (+ w3 gate for SwiGLU; optional biases b1, b3, b2).
     """
 
     def __init__(
@@ -74,11 +74,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_in))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden)) if activation == "swiglu" else None
         self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias else None
+        self.b3 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias and self.w3 is not None else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_in)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w, fan_in in ((self.w1, self.d_in), (self.w3, self.d_in), (self.b1, self.d_in),
+        for w, fan_in in ((self.w1, self.d_in), (self.w3, self.d_in), (self.b1, self.d_in), (self.b3, self.d_in),
                           (self.w2, self.d_hidden), (self.b2, self.d_hidden)):
             if w is not None:
                 _init_uniform(w, fan_in)
@@ -90,6 +91,10 @@ class GroupedExperts(nn.Module):
         if self.dispatch != "auto":
             return self.dispatch == "grouped_mm"
         return grouped_mm_applies(x.device, x.dtype, self.d_in, self.d_hidden)
+
+    @staticmethod
+    def _add_bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor) -> Tensor:
+        return h if bias is None else h + bias.to(h.dtype)[expert_of_row]
 
     def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
@@ -103,7 +108,7 @@ class GroupedExperts(nn.Module):
         n = int(counts.sum())
         order = order[:n]  # [N] kept assignments, grouped by expert
         token = order // k  # [N] token served by each row
-        xs = x[token].to(dtype)  # [N, d_in]
+        xs = x.index_select(0, token).to(dtype)  # [N, d_in]; backward is one index_add
         offs = torch.cumsum(counts, 0).to(torch.int32) if self._use_grouped_mm(xs) else None
         sizes = counts.tolist() if offs is None else None
 
@@ -114,12 +119,9 @@ class GroupedExperts(nn.Module):
             return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0))])
 
         expert_of_row = key[order]  # [N]
-        h = mm(xs, self.w1)  # [N, d_hidden]
-        if self.b1 is not None:
-            h = h + self.b1.to(dtype)[expert_of_row]
-        h = activate(h, mm(xs, self.w3) if self.w3 is not None else None)
-        y = mm(h, self.w2)  # [N, d_in]
-        if self.b2 is not None:
-            y = y + self.b2.to(dtype)[expert_of_row]
+        h = self._add_bias(mm(xs, self.w1), self.b1, expert_of_row)  # [N, d_hidden]
+        gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
+        h = activate(h, gate)
+        y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
         y = y * weights.reshape(-1)[order].to(dtype)[:, None]
         return y.new_zeros(t, self.d_in).index_add_(0, token, y)  # [T, d_in]

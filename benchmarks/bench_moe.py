@@ -1,0 +1,187 @@
+"""MoE layer cost as a ratio to a dense FFN with the same active FLOPs (forward + backward).
+
+Every layer and its dense twin are timed interleaved, round after round, in one run; the table shows
+median times and their ratio. Routing is either balanced (random router) or skewed (a fixed Zipf-like
+logit bias, so a few experts get most tokens). Peer: HF transformers' Mixtral sparse block, in each of
+its expert implementations, against the same dense SwiGLU twin.
+
+    python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
+    python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe import build_ffn, ffn_cost
+from mm_moe.moe.routing import Router
+
+
+@dataclass
+class Candidate:
+    name: str
+    module: nn.Module
+    twin: str  # key of the dense layer with the same active FLOPs
+    layer_kind: str
+    max_load: Callable[[], float] | None = None
+
+
+def zipf_bias(num_experts: int, strength: float) -> Tensor:
+    """Per-expert logit bias strength * log(1 / (e + 1)): expert 0 favoured, then 1, ..."""
+    return -strength * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
+
+
+def skew_router(router: Router, bias: Tensor) -> None:
+    """Make this router's logits skewed by adding a fixed bias (benchmark-only patch of the instance)."""
+    score = router.score
+    router.score = lambda x: score(x) + bias  # type: ignore[method-assign]
+
+
+def hf_mixtral_block(d: int, hidden: int, experts: int, k: int, impl: str, bias: Tensor | None) -> nn.Module:
+    """HF transformers' MixtralSparseMoeBlock with the given experts implementation."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=hidden, num_local_experts=experts, num_experts_per_tok=k)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        nn.init.uniform_(p, -1 / math.sqrt(p.shape[-1]), 1 / math.sqrt(p.shape[-1]))
+    if bias is not None:
+        gate = block.gate
+
+        def forward(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # MixtralTopKRouter.forward plus the bias
+            logits = nn.functional.linear(h.reshape(-1, d), gate.weight) + bias
+            probs = logits.float().softmax(-1)
+            top, idx = probs.topk(gate.top_k, dim=-1)
+            return logits, top / top.sum(-1, keepdim=True), idx
+
+        gate.forward = forward  # type: ignore[method-assign]
+    return block
+
+
+def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tensor | None, peers: list[str]) -> tuple[dict, list]:
+    """Dense twins keyed by (hidden, activation), and the MoE layers measured against them."""
+    layers = {
+        "smoe": FFNConfig(kind="smoe", hidden=dense_hidden // k, num_experts=experts, top_k=k, bias=False),
+        "smoe-swiglu": FFNConfig(kind="smoe", hidden=dense_hidden // k, num_experts=experts, top_k=k,
+                                 activation="swiglu", bias=False, renormalize=True),
+        "xmoe": FFNConfig(kind="xmoe", hidden=dense_hidden // k, num_experts=experts, top_k=k, bias=False),
+        "mhmoe h=4": FFNConfig(kind="mhmoe", heads=4, hidden=(dense_hidden - d) // k, num_experts=experts, top_k=k, bias=False),
+        "cartesian": FFNConfig(kind="cartesian", num_experts=experts, top_k=k, num_shared_experts=1, activation="swiglu",
+                               hidden=16 * round(dense_hidden / (2 * (k + 1)) / 16), bias=False, renormalize=True),
+    }
+    twins: dict[str, nn.Module] = {}
+    cands: list[Candidate] = []
+    for name, cfg in layers.items():
+        cost = ffn_cost(cfg, d)
+        n_mats = 3 if cfg.activation == "swiglu" else 2
+        twin_hidden = cost.core_flops // (2 * n_mats * d)
+        twin = f"dense {cfg.activation} {twin_hidden}"
+        twins.setdefault(twin, build_ffn(FFNConfig(kind="dense", hidden=twin_hidden, activation=cfg.activation, bias=False), d))
+        layer = build_ffn(cfg, d)
+        if bias is not None:
+            for m in layer.modules():
+                if isinstance(m, Router):
+                    skew_router(m, bias)
+        cands.append(Candidate(name, layer, twin, "ours", lambda layer=layer: layer.last_stats.load.max().item()))
+    if peers:
+        twin = f"dense swiglu {dense_hidden}"
+        twins.setdefault(twin, build_ffn(FFNConfig(kind="dense", hidden=dense_hidden, activation="swiglu", bias=False), d))
+        for impl in peers:
+            try:
+                block = hf_mixtral_block(d, dense_hidden // k, experts, k, impl, bias)
+            except (ImportError, KeyError, ValueError) as err:
+                print(f"peer HF Mixtral {impl} unavailable: {err}")
+                continue
+            cands.append(Candidate(f"HF Mixtral {impl}", block, twin, "peer"))
+    return twins, cands
+
+
+def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> float:
+    """Seconds for one forward + backward (aux loss included when the layer has one)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    t0 = time.perf_counter()
+    y = module(x)
+    loss = (y * grad).sum()
+    aux = getattr(module, "aux_loss", None)
+    if aux is not None and aux.requires_grad:
+        loss = loss + aux
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    random.seed(0)
+    d, tokens = args.d, args.tokens
+    rows = []
+    for k in args.topk:
+        for routing in args.routing:
+            bias = zipf_bias(args.experts, args.skew) if routing == "skewed" else None
+            twins, cands = make_candidates(d, args.experts, k, args.dense_hidden, bias, args.peers)
+            x = torch.randn(1, tokens, d, requires_grad=True)
+            grad = torch.randn(1, tokens, d)
+            timed: dict[str, nn.Module] = {**twins, **{c.name: c.module for c in cands}}
+            times: dict[str, list[float]] = {name: [] for name in timed}
+            for name, m in timed.items():  # warm-up
+                fwd_bwd(m, x, grad)
+            for _ in range(args.rounds):
+                order = list(timed)
+                random.shuffle(order)
+                for name in order:
+                    times[name].append(fwd_bwd(timed[name], x, grad))
+            for c in cands:
+                moe_t, dense_t = statistics.median(times[c.name]), statistics.median(times[c.twin])
+                rows.append(dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, moe_ms=1e3 * moe_t,
+                                 dense_ms=1e3 * dense_t, twin=c.twin, ratio=moe_t / dense_t,
+                                 max_load=c.max_load() if c.max_load else float("nan")))
+            print_rows(rows[-len(cands):], header=not rows[:-len(cands)])
+    return rows
+
+
+def print_rows(rows: list[dict], header: bool) -> None:
+    if header:
+        print(f"| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
+        print(f"| {r['layer']} | {r['k']} | {r['routing']} | {load} | {r['moe_ms']:.1f} | {r['twin']} | "
+              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--topk", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--dense-hidden", type=int, default=3072, help="inner size of the dense FFN whose FLOPs the layers match")
+    p.add_argument("--routing", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
+    p.add_argument("--skew", type=float, default=1.5, help="strength of the Zipf logit bias for skewed routing")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--peers", nargs="*", default=["grouped_mm"], choices=["eager", "grouped_mm", "batched_mm"],
+                   help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; "
+                        "batched_mm copies a weight per token: ~19 GB at 1024 tokens)")
+    p.add_argument("--quick", action="store_true", help="1024 tokens, top-2 and 4, 3 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
+    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs: d={args.d}, tokens={args.tokens}, "
+          f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Every MoE layer equals the naive per-token, per-expert reference: outputs, aux loss and all gradients (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe import build_ffn
+from mm_moe.moe.layers import DenseFFN
+from moe_reference import REFERENCES, dense_ffn
+
+D = 32
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def check_against_reference(cfg: FFNConfig, x: torch.Tensor, padding_mask: torch.Tensor | None = None, seed: int = 0):
+    """Run the layer and the reference on the same parameters; compare outputs, aux loss and gradients."""
+    torch.manual_seed(seed)
+    layer = build_ffn(cfg, D).train()
+    x = x.clone().requires_grad_(True)
+    y = layer(x, padding_mask=padding_mask)
+    grad_out = torch.randn_like(y)
+    ((y * grad_out).sum() + layer.aux_loss).backward()
+
+    # the reference reads the parameters as they are after the forward (X-MoE renormalises in place)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    xr = x.detach().clone().requires_grad_(True)
+    flat = xr.reshape(-1, D)
+    valid = [True] * flat.shape[0] if padding_mask is None else (~padding_mask.reshape(-1)).tolist()
+    y_ref, aux_ref = REFERENCES[cfg.kind](flat, valid, params, cfg)
+    ((y_ref.reshape(y.shape) * grad_out).sum() + aux_ref).backward()
+
+    torch.testing.assert_close(y, y_ref.reshape(y.shape), **TOL)
+    torch.testing.assert_close(layer.aux_loss, aux_ref, **TOL)
+    torch.testing.assert_close(x.grad, xr.grad, **TOL)
+    for name, p in layer.named_parameters():
+        ref_grad = params[name].grad
+        if ref_grad is None:  # a parameter the reference never touched must get no (or zero) gradient
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, ref_grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    return layer
+
+
+KINDS = {
+    "smoe": dict(kind="smoe"),
+    "smoe-shared-renorm": dict(kind="smoe", num_shared_experts=2, renormalize=True),
+    "xmoe": dict(kind="xmoe"),
+    "mhmoe": dict(kind="mhmoe", heads=4),
+    "mhmoe-linear-router": dict(kind="mhmoe", heads=2, router="linear"),
+    "cartesian": dict(kind="cartesian", num_shared_experts=1, renormalize=True),
+    "cartesian-noshared": dict(kind="cartesian"),
+}
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("swiglu", False)])
+@pytest.mark.parametrize("variant", list(KINDS))
+def test_layer_matches_reference_with_padding(variant, activation, bias, dispatch):
+    cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, activation=activation, bias=bias, dispatch=dispatch, **KINDS[variant])
+    x = torch.randn(2, 5, D)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    check_against_reference(cfg, x, pad)
+
+
+@pytest.mark.parametrize("variant", list(KINDS))
+def test_one_token_and_empty_experts(variant):
+    # one token, top-1 over 8 experts: at least 7 experts (x heads for MH-MoE, fewer) receive nothing
+    cfg = FFNConfig(hidden=16, num_experts=8, top_k=1, **KINDS[variant])
+    layer = check_against_reference(cfg, torch.randn(1, 1, D))
+    assert (layer.last_stats.counts == 0).any()
+
+
+@pytest.mark.parametrize("variant", list(KINDS))
+def test_k_equals_num_experts(variant):
+    cfg = FFNConfig(hidden=16, num_experts=4, top_k=4, **KINDS[variant])
+    check_against_reference(cfg, torch.randn(3, 4, D))
+
+
+@pytest.mark.parametrize("variant", ["smoe", "mhmoe", "cartesian"])
+def test_capacity_dropping_matches_reference(variant):
+    cfg = FFNConfig(hidden=16, num_experts=4, top_k=2, capacity_factor=0.5, **KINDS[variant])
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    layer = check_against_reference(cfg, torch.randn(2, 6, D), pad)
+    stats = layer.last_stats
+    assert stats.dropped_fraction > 0
+    # kept + dropped = every valid (token, choice) assignment of every group
+    kept = int(stats.counts.sum())
+    assert kept + int(stats.num_dropped) == int(stats.num_tokens) * cfg.top_k * stats.num_groups
+
+
+def test_dense_ffn_matches_reference():
+    torch.manual_seed(0)
+    for activation in ("gelu", "swiglu"):
+        layer = DenseFFN(D, 24, activation)
+        x = torch.randn(5, D)
+        params = {n: p.detach() for n, p in layer.named_parameters()}
+        torch.testing.assert_close(layer(x), torch.stack([dense_ffn(t, params) for t in x]), **TOL)
+        assert float(layer.aux_loss) == 0.0 and layer.last_stats is None
+
+
+@pytest.mark.parametrize("variant", list(KINDS))
+def test_padding_changes_nothing_for_real_tokens(variant):
+    """A padded batch gives the same outputs, aux loss and stats for its real tokens as the unpadded one."""
+    torch.manual_seed(1)
+    cfg = FFNConfig(hidden=16, num_experts=4, top_k=2, **KINDS[variant])
+    layer = build_ffn(cfg, D)
+    real = torch.randn(1, 5, D)
+    y = layer(real)
+    aux, stats = layer.aux_loss, layer.last_stats
+    padded = torch.cat([real, 100 * torch.randn(1, 3, D)], dim=1)
+    pad = torch.tensor([[False] * 5 + [True] * 3])
+    y_pad = layer(padded, padding_mask=pad)
+    torch.testing.assert_close(y_pad[:, :5], y, **TOL)
+    torch.testing.assert_close(layer.aux_loss, aux, **TOL)
+    assert torch.equal(layer.last_stats.counts, stats.counts)
+    assert int(layer.last_stats.num_tokens) == int(stats.num_tokens)
+    assert layer.last_stats.mean_entropy == pytest.approx(stats.mean_entropy, rel=1e-5)
+
+
+def test_padding_mask_shape_is_checked():
+    layer = build_ffn(FFNConfig(kind="smoe", hidden=16, num_experts=4), D)
+    with pytest.raises(ValueError, match="padding_mask shape"):
+        layer(torch.randn(2, 5, D), padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_build_ffn_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_ffn(FFNConfig(kind="moe"), D)  # type: ignore[arg-type]

@@ -1,0 +1,86 @@
+"""Parameter / FLOP counting and the parity helpers, against module numel, torch's FLOP counter and reference.md."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, mhmoe_matched
+
+CONFIGS = {
+    "dense": FFNConfig(kind="dense", hidden=48),
+    "dense-swiglu-nobias": FFNConfig(kind="dense", hidden=48, activation="swiglu", bias=False),
+    "smoe": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2),
+    "smoe-shared": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, num_shared_experts=2, shared_hidden=16),
+    "xmoe": FFNConfig(kind="xmoe", hidden=24, num_experts=6, top_k=1, activation="swiglu"),
+    "mhmoe": FFNConfig(kind="mhmoe", hidden=12, num_experts=8, top_k=3, heads=4),
+    "mhmoe-linear": FFNConfig(kind="mhmoe", hidden=12, num_experts=8, top_k=2, heads=2, router="linear", bias=False),
+    "cartesian": FFNConfig(kind="cartesian", hidden=12, num_experts=5, top_k=2, num_shared_experts=1, activation="swiglu"),
+    "cartesian-noshared": FFNConfig(kind="cartesian", hidden=12, num_experts=5, top_k=2),
+}
+D = 32
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_param_count_equals_module_numel(name):
+    cfg = CONFIGS[name]
+    layer = build_ffn(cfg, D)
+    assert ffn_cost(cfg, D).params == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_flops_equal_torch_flop_counter(name):
+    """Per-token forward FLOPs equal what torch's FlopCounterMode counts (matmuls), dropless."""
+    cfg = dataclasses.replace(CONFIGS[name], dispatch="loop")  # the counter sees the per-expert mm calls
+    layer = build_ffn(cfg, D)
+    tokens = 10
+    counter = FlopCounterMode(display=False)
+    with counter:
+        layer(torch.randn(tokens, D))
+    assert counter.get_total_flops() == ffn_cost(cfg, D).flops * tokens
+
+
+def test_mhmoe_worked_examples_from_reference():
+    """reference.md: d=768, SMoE E=8 k=1 d_moe=2048 ~ MH-MoE h=2 E=40 k=2 d_expert=768 ~ h=3 E=96 k=3 d_expert=512.
+
+    Those numbers hold for SwiGLU experts (3 matmuls), the setting of arXiv 2411.16205.
+    """
+    for heads, experts, hidden in ((2, 40, 768), (3, 96, 512)):
+        cfgs = mhmoe_matched(768, 2048, num_experts=8, top_k=1, heads=heads, activation="swiglu")
+        mh, base = cfgs["mhmoe"], cfgs["smoe"]
+        assert (mh.heads, mh.num_experts, mh.top_k, mh.hidden) == (heads, experts, heads, hidden)
+        assert ffn_cost(mh, 768).core_flops == ffn_cost(base, 768).core_flops == 2 * 3 * 768 * 2048
+        # parameters match up to rounding the expert count to a multiple of 8 (half a multiple at most)
+        per_expert = 3 * (768 // heads) * hidden
+        assert abs(ffn_cost(mh, 768).core_params - ffn_cost(base, 768).core_params) <= 4 * per_expert
+
+
+def test_mhmoe_gelu_rule_d_mhmoe_equals_d_moe_minus_d_over_k():
+    # reference.md's rule for two-matmul experts: d_mhmoe = (d_moe - d) / k
+    cfgs = mhmoe_matched(768, 2048, num_experts=8, top_k=1, heads=2, mh_top_k=2, activation="gelu")
+    assert cfgs["mhmoe"].hidden == (2048 - 768) // 2 == 640
+    assert ffn_cost(cfgs["mhmoe"], 768).core_flops == ffn_cost(cfgs["smoe"], 768).core_flops
+
+
+def test_mhmoe_matched_rejects_non_integer_sizes():
+    with pytest.raises(ValueError, match="no integer expert size"):
+        mhmoe_matched(768, 2048, heads=3, mh_top_k=7, activation="gelu")
+
+
+def test_cartesian_family_hand_computed():
+    """SMoE-Share 16+1 full / Fine-grained 32 half + shared full / Cartesian 2 x (16+1 half): equal cost."""
+    d, d_ff = 8, 16
+    cfgs = cartesian_matched(d, d_ff, num_experts=16, top_k=2, activation="swiglu")
+    share, fine, cart = cfgs["smoe_share"], cfgs["finegrained"], cfgs["cartesian"]
+    assert (fine.num_experts, fine.hidden, fine.top_k, fine.shared_hidden) == (32, 8, 4, 16)
+    assert (cart.num_experts, cart.hidden, cart.top_k, cart.num_shared_experts, cart.renormalize) == (16, 8, 2, 1, True)
+    # 34 half-size experts in all, 6 active per token: 3 * d * (d_ff / 2) each
+    half = 3 * d * (d_ff // 2)
+    for cfg in (share, fine, cart):
+        cost = ffn_cost(cfg, d)
+        assert cost.core_params == 34 * half
+        assert cost.core_flops == 2 * 6 * half

@@ -1,0 +1,131 @@
+"""Routers, losses and routing statistics against hand-computed values and properties that must hold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe import GroupedExperts, RoutingStats, build_ffn
+from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, z_loss
+from moe_reference import expert_ffn
+
+
+def test_balance_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
+    top1 = probs.argmax(-1)  # experts 0, 0, 1, 0
+    valid = torch.ones(4, dtype=torch.bool)
+    # f = [3/4, 1/4], P = [0.6, 0.4]: 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1
+    assert balance_loss(probs, top1, valid).item() == pytest.approx(1.1)
+    # the last token is padding: f = [2/3, 1/3], P = [0.5, 0.5]: 2 * (1/3 + 1/6) = 1.0
+    valid[3] = False
+    assert balance_loss(probs, top1, valid).item() == pytest.approx(1.0)
+    # perfectly balanced routing gives the minimum, 1
+    uniform = torch.full((4, 4), 0.25)
+    assert balance_loss(uniform, torch.arange(4), torch.ones(4, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+def test_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)], [5.0, 5.0]])
+    valid = torch.tensor([True, False])
+    assert z_loss(logits, valid).item() == pytest.approx(math.log(4.0) ** 2)
+
+
+def test_router_applies_coefficients_and_skips_padding():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, 2, balance_coef=0.01, z_loss_coef=0.001)
+    x = torch.randn(6, 8)
+    valid = torch.tensor([True, True, True, True, False, False])
+    out = router(x, valid)
+    top1 = out.probs.argmax(-1)  # expert_idx is -1 on padding rows, so take top-1 from the probabilities
+    expected = 0.01 * balance_loss(out.probs, top1, valid) + 0.001 * z_loss(out.logits, valid)
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert (out.expert_idx[~valid] == -1).all() and (out.weights[~valid] == 0).all()
+
+
+def test_drop_over_capacity_gshard_priority():
+    # 4 tokens, top-2, capacity 2: all first choices are served before any second choice
+    idx = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0]])
+    kept = drop_over_capacity(idx, num_experts=3, capacity=2)
+    # expert 0: first choices of tokens 0, 1 kept; token 2's first choice dropped; token 3's second choice dropped
+    # expert 1: token 3's first choice, then token 0's second choice; token 1's second choice dropped
+    assert kept.tolist() == [[0, 1], [0, -1], [-1, 2], [1, -1]]
+
+
+def test_xmoe_router_keeps_embeddings_at_norm_1_5_and_stays_differentiable_across_forwards():
+    torch.manual_seed(0)
+    router = XMoERouter(8, 4, 2).train()
+    x1, x2 = torch.randn(5, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        router.expert_emb.mul_(3.0)  # as an optimizer step might; the next forward renormalises
+    out1 = router(x1)
+    out2 = router(x2)  # two forwards before one backward (e.g. NLVR2's two passes) must stay valid
+    (out1.weights.sum() + out2.weights.sum()).backward()
+    torch.testing.assert_close(router.expert_emb.norm(dim=1), torch.full((4,), 1.5))
+    assert router.expert_emb.grad is not None and router.reduction.weight.grad is not None
+
+
+def test_grouped_experts_match_reference_with_skipped_assignments():
+    torch.manual_seed(0)
+    for dispatch in ("grouped_mm", "loop"):
+        experts = GroupedExperts(5, 16, 8, "swiglu", bias=True, dispatch=dispatch)
+        x = torch.randn(7, 16)
+        idx = torch.tensor([[0, 3], [3, -1], [4, 0], [-1, -1], [0, 1], [1, 3], [3, 0]])
+        w = torch.rand(7, 2).masked_fill(idx < 0, 0)
+        params = {n: p.detach() for n, p in experts.named_parameters()}
+        ref = torch.stack([
+            sum((w[t, j] * expert_ffn(x[t], params, int(idx[t, j])) for j in range(2) if idx[t, j] >= 0), torch.zeros(16))
+            for t in range(7)
+        ])
+        torch.testing.assert_close(experts(x, idx, w), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stats_hand_computed_for_forced_routing():
+    # a router whose weights send every token's top-1 to expert 2
+    layer = build_ffn(FFNConfig(kind="smoe", hidden=8, num_experts=4, top_k=1), 4)
+    with torch.no_grad():
+        layer.router.proj.weight.zero_()
+        layer.router.proj.weight[2] = 10.0
+    x = torch.rand(1, 6, 4) + 0.5  # positive, so expert 2's logit is the largest
+    pad = torch.tensor([[False] * 5 + [True]])
+    layer(x, padding_mask=pad)
+    s = layer.last_stats
+    assert s.counts.tolist() == [[0, 0, 5, 0]]
+    assert int(s.num_tokens) == 5
+    assert s.activation_ratio() == 0.25  # one expert of four
+    assert s.imbalance == pytest.approx(4.0)
+    assert s.dropped_fraction == 0.0
+    torch.testing.assert_close(s.load, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+
+
+def test_activation_ratio_threshold_and_merge():
+    a = RoutingStats(torch.tensor([[50, 30, 15, 5, 0]]), torch.tensor(100), 1, torch.tensor(0), torch.tensor(0.0))
+    assert a.activation_ratio(0.01) == pytest.approx(4 / 5)
+    assert a.activation_ratio(0.10) == pytest.approx(3 / 5)
+    merged = a.merge(a)
+    assert merged.counts.tolist() == [[100, 60, 30, 10, 0]] and int(merged.num_tokens) == 200
+    assert merged.activation_ratio(0.10) == a.activation_ratio(0.10)
+
+
+def test_entropy_of_uniform_router_is_log_e():
+    probs = torch.full((3, 4), 0.25)
+    out = RouterOutput(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), probs, probs.log(),
+                       torch.ones(3, dtype=torch.bool), torch.zeros(()))
+    assert RoutingStats.from_router(out).mean_entropy == pytest.approx(math.log(4))
+
+
+def test_cartesian_pair_counts_are_consistent():
+    torch.manual_seed(0)
+    layer = build_ffn(FFNConfig(kind="cartesian", hidden=8, num_experts=5, top_k=2, num_shared_experts=1), 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[2, 5:] = True
+    layer(torch.randn(3, 7, 16), padding_mask=pad)
+    s = layer.last_stats
+    n = int(s.num_tokens)
+    assert n == 19 and s.counts.shape == (2, 5)
+    assert int(s.pair_counts.sum()) == n * 2 * 2  # every token uses kA x kB pairs
+    # each A expert appears in kB pairs per token it serves, and each B expert in kA
+    assert (s.pair_counts.sum(1) == 2 * s.counts[0]).all()
+    assert (s.pair_counts.sum(0) == 2 * s.counts[1]).all()
