@@ -1,9 +1,9 @@
 """MoE layer cost as a ratio to a dense FFN with the same active FLOPs (forward + backward).
 
-Every layer and its dense twin are timed interleaved, round after round, in one run; the table shows
-median times and their ratio. Routing is either balanced (random router) or skewed (a fixed Zipf-like
+Every layer is timed right next to its dense twin (alternating which runs first), round after round in
+one run; the table shows median times and the median of the paired ratios. Routing is either balanced (random router) or skewed (a fixed Zipf-like
 logit bias, so a few experts get most tokens). Peer: HF transformers' Mixtral sparse block, in each of
-its expert implementations, against the same dense SwiGLU twin.
+its experts implementations (grouped_mm by default, see --peers), against the same dense SwiGLU twin.
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
@@ -77,7 +77,8 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
         "smoe-swiglu": FFNConfig(kind="smoe", hidden=dense_hidden // k, num_experts=experts, top_k=k,
                                  activation="swiglu", bias=False, renormalize=True),
         "xmoe": FFNConfig(kind="xmoe", hidden=dense_hidden // k, num_experts=experts, top_k=k, bias=False),
-        "mhmoe h=4": FFNConfig(kind="mhmoe", heads=4, hidden=(dense_hidden - d) // k, num_experts=experts, top_k=k, bias=False),
+        **{f"mhmoe h={h}": FFNConfig(kind="mhmoe", heads=h, hidden=(dense_hidden - d) // k, num_experts=experts, top_k=k,
+                                     bias=False) for h in (2, 4)},
         "cartesian": FFNConfig(kind="cartesian", num_experts=experts, top_k=k, num_shared_experts=1, activation="swiglu",
                                hidden=16 * round(dense_hidden / (2 * (k + 1)) / 16), bias=False, renormalize=True),
     }
@@ -133,19 +134,23 @@ def run(args: argparse.Namespace) -> list[dict]:
             twins, cands = make_candidates(d, args.experts, k, args.dense_hidden, bias, args.peers)
             x = torch.randn(1, tokens, d, requires_grad=True)
             grad = torch.randn(1, tokens, d)
-            timed: dict[str, nn.Module] = {**twins, **{c.name: c.module for c in cands}}
-            times: dict[str, list[float]] = {name: [] for name in timed}
-            for name, m in timed.items():  # warm-up
+            for m in [*twins.values(), *(c.module for c in cands)]:  # warm-up
                 fwd_bwd(m, x, grad)
-            for _ in range(args.rounds):
-                order = list(timed)
+            times = {c.name: ([], [], []) for c in cands}  # layer seconds, twin seconds, paired ratios
+            for r in range(args.rounds):
+                order = list(cands)
                 random.shuffle(order)
-                for name in order:
-                    times[name].append(fwd_bwd(timed[name], x, grad))
+                for c in order:  # each layer next to its twin, alternating who goes first
+                    pair = (c.module, twins[c.twin]) if r % 2 else (twins[c.twin], c.module)
+                    t_first, t_second = (fwd_bwd(m, x, grad) for m in pair)
+                    t_layer, t_twin = (t_first, t_second) if r % 2 else (t_second, t_first)
+                    for bucket, value in zip(times[c.name], (t_layer, t_twin, t_layer / t_twin)):
+                        bucket.append(value)
             for c in cands:
-                moe_t, dense_t = statistics.median(times[c.name]), statistics.median(times[c.twin])
-                rows.append(dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, moe_ms=1e3 * moe_t,
-                                 dense_ms=1e3 * dense_t, twin=c.twin, ratio=moe_t / dense_t,
+                t_layer, t_twin, ratios = (statistics.median(v) for v in times[c.name])
+                rows.append(dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, moe_ms=1e3 * t_layer,
+                                 dense_ms=1e3 * t_twin, twin=c.twin, ratio=ratios,
+                                 spread=(min(times[c.name][2]), max(times[c.name][2])),
                                  max_load=c.max_load() if c.max_load else float("nan")))
             print_rows(rows[-len(cands):], header=not rows[:-len(cands)])
     return rows
@@ -153,12 +158,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def print_rows(rows: list[dict], header: bool) -> None:
     if header:
-        print(f"| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio | ratio min-max |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
         print(f"| {r['layer']} | {r['k']} | {r['routing']} | {load} | {r['moe_ms']:.1f} | {r['twin']} | "
-              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x |", flush=True)
+              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} |", flush=True)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ class FFNConfig:
     """One feed-forward layer: dense, or one of the MoE variants built by `build_ffn`.
 
     `hidden` is the inner size of the dense FFN, or of each (sub-)expert for MoE kinds.
+    `subln` puts a LayerNorm over the hidden units before the output projection (torchscale's sub-LN).
     For "cartesian", `num_experts`, `top_k` and `num_shared_experts` apply to each of the
     two sub-expert groups A and B.
     """
@@ -29,6 +30,7 @@ class FFNConfig:
     hidden: int = 3072
     activation: Activation = "gelu"
     bias: bool = True
+    subln: bool = False
     num_experts: int = 8
     top_k: int = 2
     num_shared_experts: int = 0

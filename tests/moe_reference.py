@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def expert_ffn(x: Tensor, p: dict, e: int) -> Tensor:
-    """Expert e of stacked weights p (w1, w2, optional w3, b1, b3, b2) on one token x[d]."""
+    """Expert e of stacked weights p (w1, w2, optional w3, b1, b3, b2, sub-LN norm_w/norm_b) on one token x[d]."""
     h = x @ p["w1"][e]
     if p.get("b1") is not None:
         h = h + p["b1"][e]
@@ -23,6 +23,8 @@ def expert_ffn(x: Tensor, p: dict, e: int) -> Tensor:
     else:
         gate = x @ p["w3"][e] + (p["b3"][e] if p.get("b3") is not None else 0)
         h = F.silu(gate) * h
+    if p.get("norm_w") is not None:
+        h = F.layer_norm(h, h.shape, p["norm_w"][e], p["norm_b"][e])
     y = h @ p["w2"][e]
     if p.get("b2") is not None:
         y = y + p["b2"][e]
@@ -30,12 +32,14 @@ def expert_ffn(x: Tensor, p: dict, e: int) -> Tensor:
 
 
 def dense_ffn(x: Tensor, p: dict) -> Tensor:
-    """nn.Linear-style FFN on one token: fc1 (+gate for SwiGLU), fc2."""
+    """nn.Linear-style FFN on one token: fc1 (+gate for SwiGLU), optional sub-LN, fc2."""
     h = x @ p["fc1.weight"].t() + p.get("fc1.bias", 0)
     if "gate.weight" in p:
         h = F.silu(x @ p["gate.weight"].t() + p.get("gate.bias", 0)) * h
     else:
         h = F.gelu(h)
+    if "sub_norm.weight" in p:
+        h = F.layer_norm(h, h.shape, p["sub_norm.weight"], p["sub_norm.bias"])
     return h @ p["fc2.weight"].t() + p.get("fc2.bias", 0)
 
 

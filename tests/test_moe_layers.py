@@ -55,10 +55,11 @@ KINDS = {
 
 
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
-@pytest.mark.parametrize("activation,bias", [("gelu", True), ("swiglu", False)])
+@pytest.mark.parametrize("activation,bias,subln", [("gelu", True, True), ("swiglu", False, False)])
 @pytest.mark.parametrize("variant", list(KINDS))
-def test_layer_matches_reference_with_padding(variant, activation, bias, dispatch):
-    cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, activation=activation, bias=bias, dispatch=dispatch, **KINDS[variant])
+def test_layer_matches_reference_with_padding(variant, activation, bias, subln, dispatch):
+    cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, activation=activation, bias=bias, subln=subln, dispatch=dispatch,
+                    **KINDS[variant])
     x = torch.randn(2, 5, D)
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
@@ -94,8 +95,8 @@ def test_capacity_dropping_matches_reference(variant):
 
 def test_dense_ffn_matches_reference():
     torch.manual_seed(0)
-    for activation in ("gelu", "swiglu"):
-        layer = DenseFFN(D, 24, activation)
+    for activation, subln in (("gelu", True), ("swiglu", False)):
+        layer = DenseFFN(D, 24, activation, subln=subln)
         x = torch.randn(5, D)
         params = {n: p.detach() for n, p in layer.named_parameters()}
         torch.testing.assert_close(layer(x), torch.stack([dense_ffn(t, params) for t in x]), **TOL)

@@ -13,6 +13,8 @@ from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, mhmoe_matched
 
 CONFIGS = {
     "dense": FFNConfig(kind="dense", hidden=48),
+    "dense-subln": FFNConfig(kind="dense", hidden=48, subln=True),
+    "smoe-subln-shared": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, subln=True, num_shared_experts=1),
     "dense-swiglu-nobias": FFNConfig(kind="dense", hidden=48, activation="swiglu", bias=False),
     "smoe": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2),
     "smoe-shared": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, num_shared_experts=2, shared_hidden=16),

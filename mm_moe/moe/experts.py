@@ -51,7 +51,8 @@ def grouped_mm_applies(device: torch.device, dtype: torch.dtype, *row_sizes: int
 class GroupedExperts(nn.Module):
     """E FFN experts d_in -> d_hidden -> d_in held as stacked parameters.
 
-    w1: [E, d_in, d_hidden], w2: [E, d_hidden, d_in] (+ w3 gate for SwiGLU; optional biases b1, b3, b2).
+    w1: [E, d_in, d_hidden], w2: [E, d_hidden, d_in] (+ w3 gate for SwiGLU; optional biases b1, b3, b2;
+    optional sub-LN over the hidden units with per-expert affine norm_w, norm_b).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class GroupedExperts(nn.Module):
         activation: Activation = "gelu",
         *,
         bias: bool = False,
+        subln: bool = False,
         dispatch: Literal["auto", "grouped_mm", "loop"] = "auto",
     ) -> None:
         super().__init__()
@@ -76,6 +78,8 @@ class GroupedExperts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias else None
         self.b3 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias and self.w3 is not None else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_in)) if bias else None
+        self.norm_w = nn.Parameter(torch.ones(num_experts, d_hidden)) if subln else None  # per-expert sub-LN affine
+        self.norm_b = nn.Parameter(torch.zeros(num_experts, d_hidden)) if subln else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,6 +126,8 @@ class GroupedExperts(nn.Module):
         h = self._add_bias(mm(xs, self.w1), self.b1, expert_of_row)  # [N, d_hidden]
         gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
         h = activate(h, gate)
+        if self.norm_w is not None:
+            h = F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype)[expert_of_row] + self.norm_b.to(dtype)[expert_of_row]
         y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
         y = y * weights.reshape(-1)[order].to(dtype)[:, None]
         return y.new_zeros(t, self.d_in).index_add_(0, token, y)  # [T, d_in]

@@ -34,24 +34,49 @@ def _flatten(x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 class DenseFFN(nn.Module):
-    """Position-wise FFN d -> hidden -> d, GELU or SwiGLU."""
+    """Position-wise FFN d -> hidden -> d, GELU or SwiGLU, optional sub-LN over the hidden units."""
 
     owns_residual_norm = False
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True) -> None:
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True, subln: bool = False,
+                 eps: float = 1e-5) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden, bias=bias)
         self.gate = nn.Linear(d_model, hidden, bias=bias) if activation == "swiglu" else None
+        self.sub_norm = nn.LayerNorm(hidden, eps=eps) if subln else None
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)
         self.aux_loss: Tensor = torch.zeros(())
         self.last_stats: RoutingStats | None = None
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         self.aux_loss = x.new_zeros((), dtype=torch.float32)
-        return self.fc2(activate(self.fc1(x), self.gate(x) if self.gate is not None else None))
+        h = activate(self.fc1(x), self.gate(x) if self.gate is not None else None)
+        return self.fc2(h if self.sub_norm is None else self.sub_norm(h))
 
 
-class SparseMoE(nn.Module):
+class MoELayer(nn.Module):
+    """Base of the routed layers: holds `aux_loss` and `last_stats` after each forward."""
+
+    owns_residual_norm = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+
+def _experts(cfg: FFNConfig, d_in: int) -> GroupedExperts:
+    return GroupedExperts(cfg.num_experts, d_in, cfg.hidden, cfg.activation, bias=cfg.bias, subln=cfg.subln,
+                          dispatch=cfg.dispatch)
+
+
+def _shared(cfg: FFNConfig, d_model: int) -> DenseFFN | None:
+    """Always-on shared experts: n of inner size s are exactly one FFN of inner size n*s (their outputs add up)."""
+    hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
+    return DenseFFN(d_model, hidden, cfg.activation, cfg.bias, cfg.subln) if hidden else None
+
+
+class SparseMoE(MoELayer):
     """Top-k MoE over full-width experts, optional always-on shared experts.
 
     Covers SMoE (linear router), X-MoE (low-dim cosine router), fine-grained and shared-expert baselines.
@@ -62,12 +87,8 @@ class SparseMoE(nn.Module):
     def __init__(self, d_model: int, cfg: FFNConfig) -> None:
         super().__init__()
         self.router = build_router(cfg, d_model)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
-        shared_hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
-        # n shared experts of inner size s are exactly one FFN of inner size n*s (their outputs add up)
-        self.shared = DenseFFN(d_model, shared_hidden, cfg.activation, cfg.bias) if shared_hidden else None
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
+        self.experts = _experts(cfg, d_model)
+        self.shared = _shared(cfg, d_model)
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         flat, valid = _flatten(x, padding_mask)
@@ -79,7 +100,7 @@ class SparseMoE(nn.Module):
         return y.reshape(x.shape)
 
 
-class MHMoE(nn.Module):
+class MHMoE(MoELayer):
     """Multi-Head MoE: head projection, split each token into h sub-tokens of d/h, route each, merge.
 
     Sub-tokens are contiguous chunks of the projected token; each is routed top-k over E experts
@@ -97,13 +118,11 @@ class MHMoE(nn.Module):
         self.head = nn.Linear(d_model, d_model)
         self.merge = nn.Linear(d_model, d_model)
         self.router = build_router(cfg, self.d_sub)
-        self.experts = GroupedExperts(cfg.num_experts, self.d_sub, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
+        self.experts = _experts(cfg, self.d_sub)
         nn.init.xavier_uniform_(self.head.weight, gain=2**-0.5)
         nn.init.zeros_(self.head.bias)
         nn.init.xavier_uniform_(self.merge.weight)
         nn.init.zeros_(self.merge.bias)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         flat, valid = _flatten(x, padding_mask)
@@ -122,10 +141,9 @@ class _RoutedGroup(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.router = build_router(cfg, d_model)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.hidden, cfg.activation, bias=cfg.bias, dispatch=cfg.dispatch)
-        shared_hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
-        self.shared = DenseFFN(d_model, shared_hidden, cfg.activation, cfg.bias) if shared_hidden else None
-        self.coef = nn.Linear(d_model, 2) if shared_hidden else None
+        self.experts = _experts(cfg, d_model)
+        self.shared = _shared(cfg, d_model)
+        self.coef = nn.Linear(d_model, 2) if self.shared is not None else None
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, RouterOutput]:
         h = self.norm(x)
@@ -138,7 +156,7 @@ class _RoutedGroup(nn.Module):
         return y, r
 
 
-class CartesianMoE(nn.Module):
+class CartesianMoE(MoELayer):
     """CartesianMoE: sub-expert groups A then B in sequence, so a token uses a pair (A_i, B_j).
 
     x1 = x + A(N(x)); out = x1 + B(N'(x1)); forward returns out - x = yA + yB, the residual update.
@@ -151,8 +169,6 @@ class CartesianMoE(nn.Module):
         super().__init__()
         self.group_a = _RoutedGroup(d_model, cfg)
         self.group_b = _RoutedGroup(d_model, cfg)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         flat, valid = _flatten(x, padding_mask)
@@ -164,7 +180,7 @@ class CartesianMoE(nn.Module):
 
 
 _BUILDERS: dict[str, Callable[[int, FFNConfig], nn.Module]] = {
-    "dense": lambda d, cfg: DenseFFN(d, cfg.hidden, cfg.activation, cfg.bias),
+    "dense": lambda d, cfg: DenseFFN(d, cfg.hidden, cfg.activation, cfg.bias, cfg.subln),
     "smoe": SparseMoE,
     "xmoe": SparseMoE,
     "mhmoe": MHMoE,

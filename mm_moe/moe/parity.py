@@ -16,7 +16,7 @@ from mm_moe.config import FFNConfig
 @dataclass(frozen=True)
 class FFNCost:
     params: int  # every parameter of the built layer
-    core_params: int  # expert and head/merge matmul weights
+    core_params: int  # expert and head/merge matmul weights (no biases, norms, routers, gates)
     active_params: int  # parameters one token touches (upper bound for MH-MoE: sub-tokens may share experts)
     flops: int  # per token, all matmuls including routers and gates
     core_flops: int  # per token, expert and head/merge matmuls
@@ -26,10 +26,11 @@ def _n_mats(activation: str) -> int:
     return 3 if activation == "swiglu" else 2
 
 
-def _ffn(d_in: int, hidden: int, activation: str, bias: bool) -> tuple[int, int]:
-    """(matmul weights, biases) of one FFN d_in -> hidden -> d_in."""
-    n = _n_mats(activation)
-    return n * d_in * hidden, ((n - 1) * hidden + d_in) if bias else 0
+def _ffn(d_in: int, hidden: int, cfg: FFNConfig) -> tuple[int, int]:
+    """(matmul weights, other parameters: biases and sub-LN) of one FFN d_in -> hidden -> d_in."""
+    n = _n_mats(cfg.activation)
+    biases = ((n - 1) * hidden + d_in) if cfg.bias else 0
+    return n * d_in * hidden, biases + (2 * hidden if cfg.subln else 0)
 
 
 def _router(d_in: int, cfg: FFNConfig) -> int:
@@ -41,9 +42,9 @@ def _router(d_in: int, cfg: FFNConfig) -> int:
 
 def _routed(d_in: int, cfg: FFNConfig) -> dict[str, int]:
     """Counts of one routed expert set over inputs of size d_in (router, experts, shared experts)."""
-    w, b = _ffn(d_in, cfg.hidden, cfg.activation, cfg.bias)
+    w, b = _ffn(d_in, cfg.hidden, cfg)
     shared_hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
-    sw, sb = _ffn(d_in, shared_hidden, cfg.activation, cfg.bias) if shared_hidden else (0, 0)
+    sw, sb = _ffn(d_in, shared_hidden, cfg) if shared_hidden else (0, 0)
     router = _router(d_in, cfg)
     return dict(
         params=cfg.num_experts * (w + b) + sw + sb + router,
@@ -58,7 +59,7 @@ def ffn_cost(cfg: FFNConfig, d_model: int) -> FFNCost:
     """Parameters and per-token FLOPs of `build_ffn(cfg, d_model)`, computed from the config alone."""
     d = d_model
     if cfg.kind == "dense":
-        w, b = _ffn(d, cfg.hidden, cfg.activation, cfg.bias)
+        w, b = _ffn(d, cfg.hidden, cfg)
         return FFNCost(w + b, w, w + b, 2 * w, 2 * w)
     if cfg.kind in ("smoe", "xmoe"):
         r = _routed(d, cfg)
