@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_moe.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check mm_moe tests benchmarks
+	$(BIN)/python -m ruff check mm_moe tests benchmarks data
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """MoE layer cost as a ratio to a dense FFN with the same active FLOPs (forward + backward).
 
 Every layer is timed right next to its dense twin (alternating which runs first), round after round in
-one run; the table shows median times and the median of the paired ratios. Routing is either balanced (random router) or skewed (a fixed Zipf-like
+one run; the table shows median times and the median of the paired ratios. Routing is either balanced
+(random router) or skewed (a fixed Zipf-like
 logit bias, so a few experts get most tokens). Peer: HF transformers' Mixtral sparse block, in each of
 its experts implementations (grouped_mm by default, see --peers), against the same dense SwiGLU twin.
 
@@ -16,8 +17,8 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     pair = (c.module, twins[c.twin]) if r % 2 else (twins[c.twin], c.module)
                     t_first, t_second = (fwd_bwd(m, x, grad) for m in pair)
                     t_layer, t_twin = (t_first, t_second) if r % 2 else (t_second, t_first)
-                    for bucket, value in zip(times[c.name], (t_layer, t_twin, t_layer / t_twin)):
+                    for bucket, value in zip(times[c.name], (t_layer, t_twin, t_layer / t_twin), strict=True):
                         bucket.append(value)
             for c in cands:
                 t_layer, t_twin, ratios = (statistics.median(v) for v in times[c.name])

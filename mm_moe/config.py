@@ -45,9 +45,8 @@ class FFNConfig:
     dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.kind != "dense":
-            if not 1 <= self.top_k <= self.num_experts:
-                raise ValueError(f"FFNConfig.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.kind != "dense" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"FFNConfig.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.heads < 1:
             raise ValueError(f"FFNConfig.heads must be >= 1, got {self.heads}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

@@ -34,10 +34,7 @@ def expert_ffn(x: Tensor, p: dict, e: int) -> Tensor:
 def dense_ffn(x: Tensor, p: dict) -> Tensor:
     """nn.Linear-style FFN on one token: fc1 (+gate for SwiGLU), optional sub-LN, fc2."""
     h = x @ p["fc1.weight"].t() + p.get("fc1.bias", 0)
-    if "gate.weight" in p:
-        h = F.silu(x @ p["gate.weight"].t() + p.get("gate.bias", 0)) * h
-    else:
-        h = F.gelu(h)
+    h = F.silu(x @ p["gate.weight"].t() + p.get("gate.bias", 0)) * h if "gate.weight" in p else F.gelu(h)
     if "sub_norm.weight" in p:
         h = F.layer_norm(h, h.shape, p["sub_norm.weight"], p["sub_norm.bias"])
     return h @ p["fc2.weight"].t() + p.get("fc2.bias", 0)
@@ -91,7 +88,7 @@ def routed_mix(xs: list[Tensor], valid: list[bool], p: dict, k: int, renormalize
         capacity = math.ceil(capacity_factor * sum(valid) * k / p["w1"].shape[0])
     kept, loss = route(xs, valid, p, k, renormalize, capacity)
     outs = []
-    for x, ch in zip(xs, kept):
+    for x, ch in zip(xs, kept, strict=True):
         y = torch.zeros_like(x)
         for e, w in ch:
             y = y + w * expert_ffn(x, p, e)
@@ -115,7 +112,7 @@ def sparse_moe(x: Tensor, valid: list[bool], params: dict, cfg) -> tuple[Tensor,
     ys, loss = routed_mix(xs, valid, routed_params(params), cfg.top_k, cfg.renormalize, cfg.capacity_factor)
     shared = sub(params, "shared")
     if shared:
-        ys = [y + dense_ffn(xt, shared) for y, xt in zip(ys, xs)]
+        ys = [y + dense_ffn(xt, shared) for y, xt in zip(ys, xs, strict=True)]
     return torch.stack(ys), cfg.balance_coef * loss
 
 
@@ -141,7 +138,7 @@ def cartesian_group(xs: list[Tensor], valid: list[bool], params: dict, prefix: s
     if shared:
         coef = sub(params, prefix + "coef")
         out = []
-        for y, hh in zip(ys, hs):
+        for y, hh in zip(ys, hs, strict=True):
             c = torch.softmax(coef["weight"] @ hh + coef["bias"], dim=0)
             out.append(y * c[0] + dense_ffn(hh, shared) * c[1])
         ys = out
@@ -152,8 +149,8 @@ def cartesian(x: Tensor, valid: list[bool], params: dict, cfg) -> tuple[Tensor, 
     """CartesianMoE on x[T, d]: x1 = x + A(x); out = x1 + B(x1); returns out - x."""
     xs = list(x)
     ya, la = cartesian_group(xs, valid, params, "group_a.", cfg)
-    yb, lb = cartesian_group([xt + y for xt, y in zip(xs, ya)], valid, params, "group_b.", cfg)
-    return torch.stack([a + b for a, b in zip(ya, yb)]), la + lb
+    yb, lb = cartesian_group([xt + y for xt, y in zip(xs, ya, strict=True)], valid, params, "group_b.", cfg)
+    return torch.stack([a + b for a, b in zip(ya, yb, strict=True)]), la + lb
 
 
 REFERENCES = {"smoe": sparse_moe, "xmoe": sparse_moe, "mhmoe": mhmoe, "cartesian": cartesian}

@@ -163,7 +163,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     targets = torch.rand(2, 5)
     for m in (model, ckpt):
         m(images, ids, padding, targets).loss.backward()
-    for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=lambda s, name=name: f"{name}: {s}")
 
 

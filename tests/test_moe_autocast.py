@@ -41,7 +41,7 @@ def test_bf16_autocast_forward_backward(variant, dispatch):
     for r in routed:
         assert r.logits.dtype == r.probs.dtype == r.weights.dtype == r.aux_loss.dtype == torch.float32
     if variant != "cartesian":  # group B of CartesianMoE routes bf16-rounded x + yA, so it may differ
-        for a, b in zip(idx32, [r.expert_idx for r in routed]):
+        for a, b in zip(idx32, [r.expert_idx for r in routed], strict=True):
             assert torch.equal(a, b)
     torch.testing.assert_close(y.float(), y32, atol=0.05, rtol=0.05)
     assert torch.isfinite(x.grad).all()

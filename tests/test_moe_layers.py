@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_reference import REFERENCES, dense_ffn
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import build_ffn
 from mm_moe.moe.layers import DenseFFN
-from moe_reference import REFERENCES, dense_ffn
 
 D = 32
 TOL = dict(atol=1e-5, rtol=1e-5)

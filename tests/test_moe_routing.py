@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from moe_reference import expert_ffn
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import GroupedExperts, RoutingStats, build_ffn
 from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, z_loss
-from moe_reference import expert_ffn
 
 
 def test_balance_loss_hand_computed():

@@ -174,7 +174,7 @@ def upcycle(dense: BEiT3, moe: FFNConfig, moe_layers: str, moe_shared_branches: 
     cfg = dataclasses.replace(dense.cfg, moe=moe, moe_layers=moe_layers, moe_shared_branches=moe_shared_branches)
     model = BEiT3(cfg)
     model.load_state_dict(dense.state_dict(), strict=False)  # everything but the MoE FFNs
-    for block, dense_block in zip(model.encoder.blocks, dense.encoder.blocks):
+    for block, dense_block in zip(model.encoder.blocks, dense.encoder.blocks, strict=True):
         pairs = [(block.ffn.v, dense_block.ffn.v)]
         if not block.ffn.shared:
             pairs.append((block.ffn.l, dense_block.ffn.l))

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mm_moe.config import FFNConfig
+from mm_moe.model.multiway import Multiway
 from mm_moe.moe import RoutingStats, build_ffn
 from mm_moe.moe.layers import MoELayer
-from mm_moe.model.multiway import Multiway
 
 
 @dataclass

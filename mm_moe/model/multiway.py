@@ -14,10 +14,10 @@ from torch import Tensor, nn
 class Multiway(nn.Module):
     """Apply `v` to x[:, :split] and `l` to x[:, split:]; extra tensor kwargs [B, N, ...] are split the same way."""
 
-    def __init__(self, v: nn.Module, l: nn.Module | None = None) -> None:
+    def __init__(self, vision: nn.Module, language: nn.Module | None = None) -> None:
         super().__init__()
-        self.v = v
-        self.l = l if l is not None else v
+        self.v = vision
+        self.l = language if language is not None else vision  # state-dict names: ffn.v / ffn.l
 
     @property
     def shared(self) -> bool:

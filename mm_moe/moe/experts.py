@@ -120,7 +120,7 @@ class GroupedExperts(nn.Module):
             w = w.to(dtype)
             if offs is not None:
                 return torch._grouped_mm(a, w, offs=offs)
-            return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0))])
+            return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0), strict=True)])
 
         expert_of_row = key[order]  # [N]
         h = self._add_bias(mm(xs, self.w1), self.b1, expert_of_row)  # [N, d_hidden]

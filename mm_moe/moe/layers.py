@@ -12,7 +12,7 @@ that the block adds to the residual stream.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

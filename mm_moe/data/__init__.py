@@ -1,0 +1,1 @@
+"""Data: offline tokenizer, transforms, masking, webdataset pipelines, official-format task datasets, synthetic world."""

@@ -1,0 +1,68 @@
+"""Helpers shared by the datasets: JSON reading with clear errors, image lookup and loading, padding."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def read_json(path: str | Path, required: tuple[str, ...] = ()) -> Any:
+    """Parse a JSON file; `required` top-level keys must be present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    for key in required:
+        if not isinstance(data, dict) or key not in data:
+            raise KeyError(f"{path}: missing top-level key {key!r}")
+    return data
+
+
+def require(record: dict, fields: tuple[str, ...], where: str) -> None:
+    """Raise a KeyError naming `where` (file and index) if a field is missing."""
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise KeyError(f"{where}: missing field(s) {missing}")
+
+
+def images_by_number(folder: str | Path) -> dict[int, Path]:
+    """Images in `folder` (recursive) keyed by the number ending their name: COCO_val2014_000000000042.jpg -> 42."""
+    out = {}
+    for p in Path(folder).rglob("*"):
+        m = re.search(r"(\d+)$", p.stem)
+        if p.suffix.lower() in IMAGE_SUFFIXES and m:
+            out[int(m.group(1))] = p
+    return out
+
+
+def images_by_name(folder: str | Path) -> dict[str, Path]:
+    """Images in `folder` (recursive) keyed by file name."""
+    return {p.name: p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def load_image(path: Path) -> Image.Image:
+    """RGB PIL image; the error names the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path}: cannot read image ({err})") from err
+
+
+def pad(seqs: list[list[int]], value: int) -> Tensor:
+    """Right-pad lists of ids into Long[B, max_len]."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out

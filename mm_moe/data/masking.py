@@ -1,0 +1,67 @@
+"""Masking for pretraining: BERT-style text MLM masking and BEiT block-wise image masking."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+
+def mask_text(ids: list[int], *, special_ids: set[int], mask_id: int, vocab_size: int, rng: random.Random,
+              prob: float = 0.15) -> tuple[list[int], list[int]]:
+    """BERT masking: each non-special token is chosen with `prob` (at least one per text); a chosen token becomes
+    [MASK] 80% of the time, a random token 10%, itself 10%. Returns (input ids, labels with -100 where not chosen)."""
+    candidates = [i for i, t in enumerate(ids) if t not in special_ids]
+    chosen = {i for i in candidates if rng.random() < prob}
+    if candidates and not chosen:
+        chosen = {rng.choice(candidates)}
+    inputs, labels = list(ids), [-100] * len(ids)
+    for i in chosen:
+        labels[i] = ids[i]
+        r = rng.random()
+        if r < 0.8:
+            inputs[i] = mask_id
+        elif r < 0.9:
+            inputs[i] = rng.randrange(vocab_size)
+    return inputs, labels
+
+
+class BlockMasking:
+    """BEiT's block-wise masking: random rectangles (aspect ratio in [min_aspect, 1/min_aspect], each of at least
+    `min_block` patches) are added until `num_masked` patches are masked or no rectangle fits in 10 attempts."""
+
+    def __init__(self, grid: tuple[int, int], num_masked: int, min_block: int = 4, max_block: int | None = None,
+                 min_aspect: float = 0.3) -> None:
+        self.height, self.width = grid
+        if not 0 < num_masked <= self.height * self.width:
+            raise ValueError(f"num_masked must be in [1, {self.height * self.width}], got {num_masked}")
+        self.num_masked = num_masked
+        self.min_block = min_block
+        self.max_block = num_masked if max_block is None else max_block
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def _add_block(self, mask: torch.Tensor, budget: int, rng: random.Random) -> int:
+        for _ in range(10):
+            area = rng.uniform(self.min_block, budget)
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if w < self.width and h < self.height:
+                top, left = rng.randint(0, self.height - h), rng.randint(0, self.width - w)
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= budget:
+                    block.fill_(True)
+                    return new
+        return 0
+
+    def __call__(self, rng: random.Random) -> torch.Tensor:
+        """Bool[height * width] in row-major patch order (as PatchEmbed flattens), True = masked."""
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < self.num_masked:
+            added = self._add_block(mask, min(self.num_masked - count, self.max_block), rng)
+            if added == 0:
+                break
+            count += added
+        return mask.flatten()

@@ -1,0 +1,148 @@
+"""Pretraining data from webdataset shards of {key}.jpg|png, {key}.txt, {key}.json samples.
+
+shuffle -> decode -> torchvision v2 transform -> tokenise + MLM masking -> BEiT block masking -> batches.
+Under torchrun each rank reads its own shards (split_by_node) and each worker its own (split_by_worker);
+for DDP use `resampled=True` with `epoch_batches`, so every rank yields the same number of batches.
+A corrupt image, a sample without caption or a truncated tar is skipped, logged and counted: each batch
+carries `num_skipped`, the samples its worker skipped since its previous batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from mm_moe.data.common import pad
+from mm_moe.data.masking import BlockMasking, mask_text
+from mm_moe.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class PretrainDataConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    max_text_len: int = 64
+    mlm_prob: float = 0.15
+    mask_ratio: float = 0.4  # share of patches masked by block masking
+    min_block: int = 16  # BEiT: 16 patches of 196
+    shuffle_buffer: int = 1000
+    train_augment: bool = True
+
+
+class SkipCounter:
+    """A webdataset error handler that logs and counts what it skips (per process).
+
+    A truncated or unreadable tar reaches the handler more than once (webdataset reports it from its member
+    iterator and again from its shard expander): it counts once per shard.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.broken_shards: set[str] = set()
+
+    def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, tarfile.TarError):
+            m = re.search(r"name='([^']+)'", str(exn))
+            shard = m.group(1) if m else str(exn)
+            if shard in self.broken_shards:
+                return True
+            self.broken_shards.add(shard)
+        self.count += 1
+        log.warning("skipped a sample or shard (%d so far in this process): %s: %s", self.count, type(exn).__name__, exn)
+        return True
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+class PretrainSample:
+    """Turns one decoded webdataset sample into model inputs (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, tokenizer: Any, cfg: PretrainDataConfig, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.transform = train_transform(cfg.img_size) if cfg.train_augment else eval_transform(cfg.img_size)
+        grid = cfg.img_size // cfg.patch_size
+        self.masking = BlockMasking((grid, grid), max(1, round(cfg.mask_ratio * grid * grid)),
+                                    min_block=min(cfg.min_block, grid * grid // 4 or 1))
+        self.special = set(tokenizer.all_special_ids)
+        self.seed = seed
+        self.rng: random.Random | None = None
+
+    def _rng(self) -> random.Random:
+        if self.rng is None:  # one stream per (seed, rank, worker), created in the worker that uses it
+            info = torch.utils.data.get_worker_info()
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self.rng = random.Random(f"{self.seed}-{rank}-{info.id if info else -1}")
+        return self.rng
+
+    def __call__(self, sample: dict) -> dict:
+        key = sample.get("__key__", "?")
+        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image is None:
+            raise KeyError(f"sample {key!r} in {sample.get('__url__', '?')}: no image ({'/'.join(IMAGE_EXTS)})")
+        caption = sample.get("txt")
+        if not isinstance(caption, str) or not caption.strip():
+            raise KeyError(f"sample {key!r} in {sample.get('__url__', '?')}: missing or empty caption (.txt)")
+        rng = self._rng()
+        ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.cfg.max_text_len)["input_ids"]
+        inputs, labels = mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
+                                   vocab_size=len(self.tokenizer), rng=rng, prob=self.cfg.mlm_prob)
+        return {"key": key, "image": self.transform(image.convert("RGB")), "text_ids": ids, "masked_ids": inputs,
+                "mlm_labels": labels, "patch_mask": self.masking(rng)}
+
+
+class Collate:
+    """Stacks samples into a batch dict and reports this worker's skipped-sample count since the last batch."""
+
+    def __init__(self, pad_id: int, skips: SkipCounter) -> None:
+        self.pad_id = pad_id
+        self.skips = skips
+
+    def __call__(self, samples: list[dict]) -> dict:
+        text_ids = pad([s["text_ids"] for s in samples], self.pad_id)
+        return {
+            "keys": [s["key"] for s in samples],
+            "images": torch.stack([s["image"] for s in samples]),
+            "text_ids": text_ids,
+            "masked_ids": pad([s["masked_ids"] for s in samples], self.pad_id),
+            "text_padding": text_ids == self.pad_id,
+            "mlm_labels": pad([s["mlm_labels"] for s in samples], -100),
+            "patch_mask": torch.stack([s["patch_mask"] for s in samples]),
+            "num_skipped": self.skips.take(),
+        }
+
+
+def pretrain_dataset(urls: str | list[str], tokenizer: Any, cfg: PretrainDataConfig, batch_size: int, *,
+                     resampled: bool = False, seed: int = 0) -> wds.WebDataset:
+    """The batched pretraining pipeline over shard `urls` (brace notation or a list)."""
+    skips = SkipCounter()
+    ds = wds.WebDataset(urls, handler=skips, resampled=resampled, shardshuffle=False if resampled else 100,
+                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, seed=seed,
+                        empty_check=False)
+    return (ds.shuffle(cfg.shuffle_buffer, seed=seed)
+            .decode("pil", handler=skips)
+            .map(PretrainSample(tokenizer, cfg, seed), handler=skips)
+            .batched(batch_size, collation_fn=Collate(tokenizer.pad_token_id, skips), partial=not resampled))
+
+
+def pretrain_loader(urls: str | list[str], tokenizer: Any, cfg: PretrainDataConfig, batch_size: int, *,
+                    num_workers: int = 0, epoch_batches: int | None = None, seed: int = 0,
+                    worker_init_fn: Callable | None = None) -> wds.WebLoader:
+    """A WebLoader of batches; with `epoch_batches` shards are resampled and every epoch (and rank) has that many."""
+    ds = pretrain_dataset(urls, tokenizer, cfg, batch_size, resampled=epoch_batches is not None, seed=seed)
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init_fn,
+                           persistent_workers=num_workers > 0)
+    return loader.with_epoch(epoch_batches) if epoch_batches is not None else loader

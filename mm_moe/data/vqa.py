@@ -1,0 +1,100 @@
+"""VQA v2 from the official files: questions json, annotations json, COCO image folder.
+
+Answer vocabulary: normalised `multiple_choice_answer`s seen at least `min_count` times (9 gives VQA v2's 3,129).
+Targets: soft scores min(1, 0.3 * n) where n counts the 10 human answers (normalised) equal to a vocabulary answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mm_moe.data.common import images_by_number, load_image, pad, read_json, require
+from mm_moe.eval.vqa_metric import normalize_answer
+
+
+class AnswerVocab:
+    """The answers a VQA classifier predicts over."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.index = {a: i for i, a in enumerate(self.answers)}
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    @classmethod
+    def build(cls, annotation_files: list[str | Path], min_count: int = 9) -> AnswerVocab:
+        counts: Counter[str] = Counter()
+        for path in annotation_files:
+            for i, ann in enumerate(read_json(path, ("annotations",))["annotations"]):
+                require(ann, ("multiple_choice_answer",), f"{path}: annotations[{i}]")
+                counts[normalize_answer(ann["multiple_choice_answer"])] += 1
+        # most frequent first, ties alphabetical: a deterministic order
+        return cls([a for a, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.answers, indent=0))
+
+    @classmethod
+    def load(cls, path: str | Path) -> AnswerVocab:
+        return cls(read_json(path))
+
+    def soft_scores(self, answers: list[str]) -> torch.Tensor:
+        """f32[len(vocab)]: min(1, 0.3 * n) for every vocabulary answer given n times among `answers`."""
+        target = torch.zeros(len(self.answers))
+        for answer, n in Counter(normalize_answer(a) for a in answers).items():
+            if answer in self.index:
+                target[self.index[answer]] = min(1.0, 0.3 * n)
+        return target
+
+
+class VQADataset(Dataset):
+    """One item per question: image, tokenised question, and (with annotations) soft answer scores."""
+
+    def __init__(self, questions: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
+                 annotations: str | Path | None = None, vocab: AnswerVocab | None = None, max_text_len: int = 64) -> None:
+        self.questions = read_json(questions, ("questions",))["questions"]
+        for i, q in enumerate(self.questions):
+            require(q, ("question_id", "image_id", "question"), f"{questions}: questions[{i}]")
+        self.image_paths = images_by_number(images)
+        missing = sorted({q["image_id"] for q in self.questions} - set(self.image_paths))
+        if missing:
+            raise FileNotFoundError(f"{images}: no image for {len(missing)} image_id(s) of {questions}, e.g. {missing[:3]}")
+        self.answers: dict[int, list[str]] = {}
+        if annotations is not None:
+            for i, ann in enumerate(read_json(annotations, ("annotations",))["annotations"]):
+                require(ann, ("question_id", "answers"), f"{annotations}: annotations[{i}]")
+                self.answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
+            unanswered = [q["question_id"] for q in self.questions if q["question_id"] not in self.answers]
+            if unanswered:
+                raise KeyError(f"{annotations}: no annotation for question_id(s) {unanswered[:3]} of {questions}")
+        self.tokenizer, self.transform, self.vocab, self.max_text_len = tokenizer, transform, vocab, max_text_len
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.questions[i]
+        item = {
+            "question_id": q["question_id"],
+            "image": self.transform(load_image(self.image_paths[q["image_id"]])),
+            "text_ids": self.tokenizer(q["question"], truncation=True, max_length=self.max_text_len)["input_ids"],
+        }
+        if self.vocab is not None and self.answers:
+            item["targets"] = self.vocab.soft_scores(self.answers[q["question_id"]])
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        ids = pad([it["text_ids"] for it in items], self.tokenizer.pad_token_id)
+        batch = {"question_ids": [it["question_id"] for it in items], "images": torch.stack([it["image"] for it in items]),
+                 "text_ids": ids, "text_padding": ids == self.tokenizer.pad_token_id}
+        if "targets" in items[0]:
+            batch["targets"] = torch.stack([it["targets"] for it in items])
+        return batch

@@ -1,0 +1,1 @@
+"""Evaluation: the official VQA accuracy, captioning decode + COCO scoring, NLVR2 metrics."""

@@ -1,0 +1,133 @@
+"""The official VQA v2 accuracy (GT-Vision-Lab vqaEval.py), with its answer normalisation reproduced exactly.
+
+Quirks kept on purpose, because leaderboard numbers depend on them:
+- punctuation is deleted when it touches a space (or the text has a digit,comma,digit pattern), else
+  replaced by a space; the check looks at the *original* text for every symbol;
+- every '.' not followed by a digit is removed, but at most 32 times (vqaEval passes re.UNICODE, = 32, as count);
+- contraction keys with capitals ("Im", "Ive", ...) never match, since words are lower-cased first;
+- ground-truth answers get punctuation processing only when the 10 answers are not all identical,
+  and never digit/article processing; predictions always get both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead for "<=digit", so any '.' not followed by a digit
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval.processPunctuation."""
+    out = text
+    for p in PUNCTUATION:
+        if (p + " " in text or " " + p in text) or _COMMA_IN_NUMBER.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=re.UNICODE)
+
+
+def process_digit_article(text: str) -> str:
+    """vqaEval.processDigitArticle: lower-case, number words to digits, drop articles, add apostrophes."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(text: str) -> str:
+    """What vqaEval does to a prediction; also used to build the answer vocabulary."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
+    """Accuracy of one prediction against the human answers: mean over leave-one-out subsets of min(1, matches/3)."""
+    pred = normalize_answer(prediction)
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in gt_answers]
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
+    accs = []
+    for i in range(len(gts)):
+        others = gts[:i] + gts[i + 1:]
+        accs.append(min(1.0, sum(a == pred for a in others) / 3))
+    return sum(accs) / len(accs)
+
+
+def _load(path: str | Path, key: str) -> list[dict]:
+    with open(path) as f:
+        data = json.load(f)
+    if key not in data:
+        raise KeyError(f"{path}: expected a top-level {key!r} list (official VQA v2 format)")
+    return data[key]
+
+
+def evaluate(results: list[dict], annotations: str | Path, questions: str | Path) -> dict:
+    """Score [{"question_id", "answer"}] like vqaEval: percentages rounded to 2 decimals, overall and per type.
+
+    Every question of the question file must have exactly one result (as the official loadRes asserts).
+    """
+    anns = {a["question_id"]: a for a in _load(annotations, "annotations")}
+    qids = {q["question_id"] for q in _load(questions, "questions")}
+    by_qid = {}
+    for r in results:
+        if "question_id" not in r or "answer" not in r:
+            raise KeyError(f"results: every entry needs 'question_id' and 'answer', got {sorted(r)}")
+        by_qid[r["question_id"]] = r["answer"]
+    if set(by_qid) != qids or len(by_qid) != len(results):
+        missing, extra = qids - set(by_qid), set(by_qid) - qids
+        raise ValueError(f"results must answer every question once: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+                         f"{len(extra)} unknown (e.g. {sorted(extra)[:3]}), {len(results) - len(by_qid)} duplicated")
+    per_q, per_answer_type, per_question_type = {}, defaultdict(list), defaultdict(list)
+    for qid in sorted(qids):
+        if qid not in anns:
+            raise KeyError(f"{annotations}: no annotation for question_id {qid}")
+        ann = anns[qid]
+        acc = vqa_accuracy(by_qid[qid], [a["answer"] for a in ann["answers"]])
+        per_q[qid] = acc
+        per_answer_type[ann["answer_type"]].append(acc)
+        per_question_type[ann["question_type"]].append(acc)
+
+    def pct(xs: list[float]) -> float:
+        return round(100 * sum(xs) / len(xs), 2)
+
+    return {
+        "overall": pct(list(per_q.values())),
+        "per_answer_type": {k: pct(v) for k, v in sorted(per_answer_type.items())},
+        "per_question_type": {k: pct(v) for k, v in sorted(per_question_type.items())},
+        "per_question": per_q,
+    }

@@ -1,0 +1,256 @@
+"""Tokenizer, masking, webdataset pipeline (with broken shards), make_shards, task datasets, synthetic world."""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+import this
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_moe.data.coco import CaptionDataset, write_coco_gt
+from mm_moe.data.masking import BlockMasking, mask_text
+from mm_moe.data.nlvr2 import NLVR2Dataset
+from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.data.synthetic import write_world
+from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
+from mm_moe.data.transforms import eval_transform
+from mm_moe.data.vqa import AnswerVocab, VQADataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    summary = write_world(out, n_train=24, n_val=8, n_test=8, n_pairs_train=10, n_pairs_dev=6, seed=3, size=32,
+                          shard_count=20)
+    return out, summary
+
+
+def test_tokenizer_is_the_real_bert_vocab(tok):
+    assert len(tok) == VOCAB_SIZE
+    zen = codecs.decode(this.s, "rot13")
+    ids = tok(zen)["input_ids"]
+    unk = sum(i == tok.unk_token_id for i in ids)
+    assert len(ids) > 150 and unk / len(ids) < 0.01
+    assert tok.decode(tok("a red circle at the top left.")["input_ids"], skip_special_tokens=True) == \
+        "a red circle at the top left."
+    assert (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) == (101, 102, 0, 103)
+
+
+def test_mask_text_rates_and_specials():
+    rng = random.Random(0)
+    special = {101, 102}
+    ids = [101] + [2000 + i % 500 for i in range(20000)] + [102]
+    inputs, labels = mask_text(ids, special_ids=special, mask_id=103, vocab_size=30522, rng=rng)
+    chosen = [i for i, lab in enumerate(labels) if lab != -100]
+    assert labels[0] == labels[-1] == -100 and inputs[0] == 101 and inputs[-1] == 102
+    assert all(labels[i] == ids[i] for i in chosen)
+    assert abs(len(chosen) / 20000 - 0.15) < 0.01  # ~3000 draws: 0.01 is > 3 standard deviations
+    masked = sum(inputs[i] == 103 for i in chosen) / len(chosen)
+    kept = sum(inputs[i] == ids[i] for i in chosen) / len(chosen)
+    assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03
+    # a short text still gets one prediction target
+    _, labels = mask_text([101, 7, 102], special_ids=special, mask_id=103, vocab_size=30522, rng=random.Random(5), prob=0.0)
+    assert labels == [-100, 7, -100]
+
+
+def test_block_masking():
+    gen = BlockMasking((14, 14), 75, min_block=16)
+    rng = random.Random(0)
+    counts = [int(gen(rng).sum()) for _ in range(200)]
+    assert max(counts) <= 75 and sum(counts) / len(counts) > 0.95 * 75
+    # blocks, not scattered patches: most masked patches have a masked 4-neighbour
+    m = gen(random.Random(1)).reshape(14, 14)
+    neighbours = torch.zeros_like(m)
+    neighbours[1:] |= m[:-1]
+    neighbours[:-1] |= m[1:]
+    neighbours[:, 1:] |= m[:, :-1]
+    neighbours[:, :-1] |= m[:, 1:]
+    assert (m & neighbours).sum() >= 0.9 * m.sum()
+    assert torch.equal(gen(random.Random(7)), gen(random.Random(7)))
+
+
+def _add_broken_shard(shard_dir: Path) -> None:
+    """A shard with 2 good samples, a corrupt image, and a sample without caption."""
+    good = Image.new("RGB", (32, 32), (200, 30, 30))
+    buf = io.BytesIO()
+    good.save(buf, format="PNG")
+    members = [("good0.png", buf.getvalue()), ("good0.txt", b"a red square."),
+               ("corrupt.png", b"\x89PNG not really"), ("corrupt.txt", b"broken image."),
+               ("nocaption.png", buf.getvalue()),
+               ("good1.png", buf.getvalue()), ("good1.txt", b"another red square.")]
+    with tarfile.open(shard_dir / "broken-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _add_truncated_shard(shard_dir: Path, source: Path) -> tuple[int, bool]:
+    """A copy of `source` cut in the middle of its last member.
+
+    Returns the complete samples before the cut, and whether the last, partial sample (its members before the
+    cut) still has an image and a caption.
+    """
+    data = source.read_bytes()
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+    last = members[-1]
+    (shard_dir / "truncated-000000.tar").write_bytes(data[:last.offset_data + last.size // 2])
+    key_of = [m.name.split(".", 1)[0] for m in members]
+    partial = {m.name.split(".", 1)[1] for m in members[:-1] if key_of[members.index(m)] == key_of[-1]}
+    return len(set(key_of)) - 1, "txt" in partial and "png" in partial
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipeline_skips_and_counts_broken_samples(world, tok, tmp_path, workers):
+    out, summary = world
+    shards = sorted((out / "shards").glob("*.tar"))
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s in shards:
+        (shard_dir / s.name).write_bytes(s.read_bytes())
+    _add_broken_shard(shard_dir)
+    good_in_truncated, partial_ok = _add_truncated_shard(shard_dir, shards[0])
+    urls = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
+    cfg = PretrainDataConfig(img_size=32, patch_size=8, max_text_len=24, shuffle_buffer=10)
+    loader = pretrain_loader(urls, tok, cfg, batch_size=8, num_workers=workers)
+    n_samples, n_skipped = 0, 0
+    for batch in loader:
+        n_samples += len(batch["keys"])
+        n_skipped += batch["num_skipped"]
+        assert batch["images"].shape[1:] == (3, 32, 32) and batch["patch_mask"].shape[1] == 16
+        assert (batch["mlm_labels"] != -100).any(dim=1).all()
+        assert torch.equal(batch["text_padding"], batch["text_ids"] == tok.pad_token_id)
+    # corrupt image + missing caption + the truncated tar (+ its partial last sample if it lacks image or caption)
+    assert n_skipped == 3 + (not partial_ok)
+    assert n_samples == summary["shards"]["pairs"] + 2 + good_in_truncated + partial_ok
+
+
+def test_ranks_see_disjoint_shards_and_equal_batches(world, tok, monkeypatch):
+    out, _ = world
+    urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
+    assert len(urls) >= 2
+    cfg = PretrainDataConfig(img_size=32, patch_size=8, max_text_len=24, shuffle_buffer=4)
+    keys, counts = [], []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        keys.append({k for b in pretrain_loader(urls, tok, cfg, batch_size=4) for k in b["keys"]})
+        counts.append(sum(1 for _ in pretrain_loader(urls, tok, cfg, batch_size=4, epoch_batches=5)))
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert counts == [5, 5]
+
+
+def test_make_shards_cli_reports_unreadable_images(tmp_path, tok):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (20, 20), color).save(images / f"img.{i}.jpg")
+    (images / "bad.jpg").write_bytes(b"not an image")
+    lines = [{"image": "img.0.jpg", "caption": "red."}, {"image": "img.1.jpg", "caption": "green."},
+             {"image": "bad.jpg", "caption": "nothing."}]
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = subprocess.run([sys.executable, str(ROOT / "data" / "make_shards.py"), "--captions", str(captions),
+                          "--images", str(images), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 2 samples in 1 shards" in res.stdout and "skipped 1 unreadable images" in res.stderr
+    assert "bad.jpg" in res.stderr
+    with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
+        names = tar.getnames()
+    assert sorted(names) == sorted(["img_0_0.jpg", "img_0_0.txt", "img_0_0.json", "img_1_0.jpg", "img_1_0.txt", "img_1_0.json"])
+
+
+def test_vqa_dataset_reads_official_format(world, tok):
+    out, summary = world
+    ann = out / "vqa" / "v2_mscoco_train2014_annotations.json"
+    vocab = AnswerVocab.build([ann], min_count=1)
+    ds = VQADataset(out / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json", out / "vqa" / "images", tok,
+                    eval_transform(32), ann, vocab)
+    assert len(ds) == summary["vqa_train"]["questions"]
+    batch = ds.collate([ds[i] for i in range(5)])
+    assert batch["images"].shape == (5, 3, 32, 32) and batch["targets"].shape == (5, len(vocab))
+    assert torch.equal(batch["targets"].max(1).values, torch.ones(5))  # 10 identical answers: score 1
+
+
+def test_answer_vocab_and_soft_scores(tmp_path):
+    anns = {"annotations": [{"multiple_choice_answer": a} for a in ["Yes", "yes", "no", "two", "2", "cat"]]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(anns))
+    vocab = AnswerVocab.build([path], min_count=2)
+    assert vocab.answers == ["2", "yes"]  # normalised: "two" -> "2", "Yes" -> "yes"; "no" and "cat" seen once
+    scores = vocab.soft_scores(["yes"] * 3 + ["Two"] + ["no"] * 6)
+    assert scores.tolist() == pytest.approx([0.3, 0.9])
+
+
+def test_malformed_files_name_the_file_and_field(tmp_path, tok):
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1}]}))
+    with pytest.raises(KeyError, match=r"q.json: questions\[0\]: missing field\(s\) \['question'\]"):
+        VQADataset(q, tmp_path, tok, eval_transform(32))
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 7, "question": "why?"}]}))
+    with pytest.raises(FileNotFoundError, match="no image for 1 image_id"):
+        VQADataset(q, tmp_path, tok, eval_transform(32))
+    bad = tmp_path / "n.json"
+    bad.write_text('{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}\n')
+    with pytest.raises(ValueError, match=r"n.json:1: label must be 'True' or 'False'"):
+        NLVR2Dataset(bad, tmp_path, tok, eval_transform(32))
+
+
+def test_nlvr2_and_captions_from_the_world(world, tok, tmp_path):
+    out, _ = world
+    ds = NLVR2Dataset(out / "nlvr2" / "dev.json", out / "nlvr2" / "images", tok, eval_transform(32))
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    assert batch["images_left"].shape == (6, 3, 32, 32) and batch["labels"].sum() == 3  # balanced
+    caps = CaptionDataset(out / "coco" / "dataset_coco.json", out / "vqa" / "images", tok, eval_transform(32))
+    assert len(caps) == 24 * 3
+    test_images = CaptionDataset(out / "coco" / "dataset_coco.json", out / "vqa" / "images", tok, eval_transform(32),
+                                 splits=("test",), per_image=True)
+    assert len(test_images) == 8 and "text_ids" not in test_images[0]
+    from pycocotools.coco import COCO
+
+    gt = COCO(str(write_coco_gt(out / "coco" / "dataset_coco.json", "test", tmp_path / "gt.json")))
+    assert len(gt.getImgIds()) == 8 and len(gt.getAnnIds()) == 24
+
+
+def test_synthetic_world_is_balanced_and_deterministic(tmp_path):
+    a = write_world(tmp_path / "a", n_train=60, n_val=20, n_test=4, n_pairs_train=20, n_pairs_dev=20, seed=1, size=32)
+    b = write_world(tmp_path / "b", n_train=60, n_val=20, n_test=4, n_pairs_train=20, n_pairs_dev=20, seed=1, size=32)
+    assert a == b
+    assert (tmp_path / "a" / "vqa" / "v2_mscoco_val2014_annotations.json").read_bytes() == \
+        (tmp_path / "b" / "vqa" / "v2_mscoco_val2014_annotations.json").read_bytes()
+    anns = json.loads((tmp_path / "a" / "vqa" / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    yes_no = [x["multiple_choice_answer"] for x in anns if x["answer_type"] == "yes/no"]
+    assert len(yes_no) == 60 and abs(yes_no.count("yes") - 30) <= 10
+    assert {x["answer_type"] for x in anns} == {"yes/no", "number", "other"}
+    assert a["nlvr2_train"]["true_fraction"] == 0.5
+
+
+def test_easy_vqa_conversion(tmp_path, tok):
+    pytest.importorskip("easy_vqa")
+    res = subprocess.run([sys.executable, str(ROOT / "data" / "convert_easy_vqa.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["train"]["images"] == 4000 and summary["val"]["images"] == 1000
+    vocab = AnswerVocab.build([tmp_path / "v2_mscoco_train2014_annotations.json"], min_count=1)
+    assert len(vocab) == 13
+    ds = VQADataset(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "images", tok,
+                    eval_transform(64), tmp_path / "v2_mscoco_val2014_annotations.json", vocab)
+    assert len(ds) == summary["val"]["questions"] and ds[0]["targets"].sum() == 1
