@@ -105,12 +105,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _resolve_includes(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A section given as a path to a YAML file (e.g. `model: configs/model/tiny.yaml`) is replaced by its content."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        sub = _dataclass_in(hints[key]) if key in hints else None
+        if sub is None:
+            continue
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            value = _read_yaml(value)
+        if isinstance(value, dict):
+            out[key] = _resolve_includes(sub, value)
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file (optional) plus `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+    """Load `cls` from a YAML file (optional; sections may name other YAML files) plus `key=value` overrides."""
+    data = _resolve_includes(cls, _read_yaml(path)) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides or []), where=str(path or "config"))
 
 

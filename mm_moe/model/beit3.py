@@ -38,6 +38,15 @@ class BEiT3Config:
     eps: float = 1e-5
 
 
+def beit3_group_matcher(prefix: str) -> dict:
+    """timm group matcher for a BEiT3 under `prefix` (e.g. "beit3."): embeddings, blocks 0..L-1, the final norm,
+    then everything outside the encoder (task heads): layer ids 0, 1..L, L+1 as in unilm's BEiT-3 fine-tuning."""
+    p = re.escape(prefix)
+    return {"stem": rf"^{p}(?:vision|text)\.",
+            "blocks": [(rf"^{p}encoder\.blocks\.(\d+)\.", None), (rf"^{p}encoder\.norm\.", (99998,)),
+                       (rf"^(?!{p})", (99999,))]}
+
+
 def caption_mask(num_image: int, num_text: int, device: torch.device | None = None) -> Tensor:
     """Bool[N, N], True = may attend: image tokens see the image only; text sees the image and earlier text."""
     n = num_image + num_text
@@ -64,9 +73,8 @@ class BEiT3(nn.Module):
         return {"vision.cls_token", "vision.mask_token", "vision.pos_embed", "text.pos_embed", "text.tokens.weight"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm-style layer groups for layer-wise LR decay: embeddings first, then one group per block."""
-        return {"stem": r"^(vision|text)\.", "blocks": r"^encoder\.blocks\.(\d+)" if coarse else
-                [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))]}
+        """timm-style layer groups for layer-wise LR decay: embeddings, one group per block, then the rest."""
+        return beit3_group_matcher("")
 
     def embed(self, images: Tensor | None, text_ids: Tensor | None, text_padding: Tensor | None,
               patch_mask: Tensor | None) -> tuple[Tensor, int, Tensor | None]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm_moe.model.beit3 import BEiT3, BEiT3Config, caption_mask
+from mm_moe.model.beit3 import BEiT3, BEiT3Config, beit3_group_matcher, caption_mask
 from mm_moe.moe import RoutingStats
 
 
@@ -36,6 +36,15 @@ def _init(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class TaskModel(nn.Module):
+    """Base of the task models: a `beit3` encoder plus heads; timm hooks for layer decay and weight decay."""
+
+    beit3: BEiT3
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return beit3_group_matcher("beit3.")
 
 
 class Pooler(nn.Module):
@@ -127,7 +136,7 @@ class MIMHead(nn.Module):
         return F.mse_loss(pred.float(), normalized_pixel_target(images, self.patch)[patch_mask])
 
 
-class BEiT3ForPretraining(nn.Module):
+class BEiT3ForPretraining(TaskModel):
     """Masked multimodal modeling: MLM on text, MIM on images, masked VL modeling on image-text pairs."""
 
     def __init__(self, cfg: BEiT3Config, tokenizer: VisualTokenizer | None = None) -> None:
@@ -138,19 +147,28 @@ class BEiT3ForPretraining(nn.Module):
 
     def forward(self, images: Tensor | None = None, text_ids: Tensor | None = None, text_padding: Tensor | None = None,
                 patch_mask: Tensor | None = None, mlm_labels: Tensor | None = None) -> TaskOutput:
-        """mlm_labels Long[B, L] with -100 where no prediction is wanted; patch_mask marks patches to reconstruct."""
+        """mlm_labels Long[B, L] with -100 where no prediction is wanted; patch_mask marks patches to reconstruct.
+
+        With mlm_labels, logits are computed at the labelled positions only ([M, vocab], row-major order):
+        the vocabulary projection of every token would dominate the cost of a small model.
+        """
         out = self.beit3(images, text_ids, text_padding, patch_mask=patch_mask)
         text_hidden = out.hidden[:, out.split:]
-        logits = self.mlm(text_hidden) if text_ids is not None else out.hidden.new_zeros(0)
         losses: dict[str, Tensor] = {}
-        if mlm_labels is not None:
-            losses["mlm"] = F.cross_entropy(logits.float().flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+        if text_ids is None:
+            logits = out.hidden.new_zeros(0)
+        elif mlm_labels is not None:
+            chosen = mlm_labels != -100
+            logits = self.mlm(text_hidden[chosen])
+            losses["mlm"] = F.cross_entropy(logits.float(), mlm_labels[chosen])
+        else:
+            logits = self.mlm(text_hidden)
         if images is not None and patch_mask is not None:
             losses["mim"] = self.mim.loss(out.hidden[:, 1:out.split], images, patch_mask)
         return _output(logits, losses, out.aux_loss, out.stats)
 
 
-class BEiT3ForVQA(nn.Module):
+class BEiT3ForVQA(TaskModel):
     """VQA as multi-label classification over the answer vocabulary (pooled [CLS] of the image-text pass)."""
 
     def __init__(self, cfg: BEiT3Config, num_answers: int) -> None:
@@ -172,7 +190,7 @@ class BEiT3ForVQA(nn.Module):
         return _output(logits, losses, out.aux_loss, out.stats)
 
 
-class BEiT3ForNLVR2(nn.Module):
+class BEiT3ForNLVR2(TaskModel):
     """NLVR2: one pass per image with the same sentence, pooled features concatenated, 2-way classifier."""
 
     def __init__(self, cfg: BEiT3Config) -> None:
@@ -196,7 +214,7 @@ class BEiT3ForNLVR2(nn.Module):
         return _output(logits, losses, out.aux_loss, out.stats)
 
 
-class BEiT3ForCaptioning(nn.Module):
+class BEiT3ForCaptioning(TaskModel):
     """Captioning trained by masked-token prediction under the captioning mask (text causal, image full)."""
 
     def __init__(self, cfg: BEiT3Config) -> None:
@@ -223,5 +241,5 @@ def _output(logits: Tensor, losses: dict[str, Tensor], aux: Tensor, stats: dict[
     return TaskOutput(logits, loss, aux, stats, losses)
 
 
-__all__ = ["TaskOutput", "Pooler", "MLMHead", "MIMHead", "VisualTokenizer", "BEiT3ForPretraining", "BEiT3ForVQA",
+__all__ = ["TaskModel", "TaskOutput", "Pooler", "MLMHead", "MIMHead", "VisualTokenizer", "BEiT3ForPretraining", "BEiT3ForVQA",
            "BEiT3ForNLVR2", "BEiT3ForCaptioning", "patchify", "normalized_pixel_target"]

@@ -9,7 +9,7 @@ indexed per expert inside a loop: that would build a full-size gradient for ever
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ def _init_uniform(t: Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -98,21 +99,12 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _add_bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor) -> Tensor:
-        return h if bias is None else h + bias.to(h.dtype)[expert_of_row]
+        # index_select, not bias[rows]: its backward is one index_add, not a serial accumulating index_put
+        return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
 
-    def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
-        """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
-        t, k = expert_idx.shape
-        e = self.num_experts
-        dtype = _compute_dtype(x)
-        flat = expert_idx.reshape(-1)  # [T*k]
-        key = torch.where(flat < 0, e, flat)  # skipped assignments sort last
-        order = torch.argsort(key, stable=True)  # [T*k]
-        counts = torch.bincount(key, minlength=e + 1)[:e]  # [E]
-        n = int(counts.sum())
-        order = order[:n]  # [N] kept assignments, grouped by expert
-        token = order // k  # [N] token served by each row
-        xs = x.index_select(0, token).to(dtype)  # [N, d_in]; backward is one index_add
+    def grouped_ffn(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """Rows xs[N, d_in] already grouped by expert (counts[e] rows for expert e, in order) -> [N, d_in]."""
+        dtype = xs.dtype
         offs = torch.cumsum(counts, 0).to(torch.int32) if self._use_grouped_mm(xs) else None
         sizes = counts.tolist() if offs is None else None
 
@@ -122,12 +114,44 @@ class GroupedExperts(nn.Module):
                 return torch._grouped_mm(a, w, offs=offs)
             return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0), strict=True)])
 
-        expert_of_row = key[order]  # [N]
+        needs_rows = self.b1 is not None or self.norm_w is not None
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=xs.device), counts,
+                                                output_size=xs.shape[0]) if needs_rows else None  # [N]
         h = self._add_bias(mm(xs, self.w1), self.b1, expert_of_row)  # [N, d_hidden]
         gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
         h = activate(h, gate)
         if self.norm_w is not None:
-            h = F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype)[expert_of_row] + self.norm_b.to(dtype)[expert_of_row]
-        y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
-        y = y * weights.reshape(-1)[order].to(dtype)[:, None]
-        return y.new_zeros(t, self.d_in).index_add_(0, token, y)  # [T, d_in]
+            h = self._add_bias(F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype).index_select(0, expert_of_row),
+                               self.norm_b, expert_of_row)
+        return self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
+
+    def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
+        """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
+        d = dispatch(expert_idx, self.num_experts)
+        xs = x.index_select(0, d.token).to(compute_dtype(x))  # [N, d_in]; backward is one index_add
+        return combine(self.grouped_ffn(xs, d.counts), d, weights, x.shape[0])
+
+
+class Dispatch(NamedTuple):
+    """Kept assignments sorted by expert: `order` indexes the flattened [T*k] assignments."""
+
+    order: Tensor  # Long[N]
+    token: Tensor  # Long[N]: the token each row serves
+    counts: Tensor  # Long[E]: rows per expert
+
+
+def dispatch(expert_idx: Tensor, num_experts: int) -> Dispatch:
+    """Sort the kept (>= 0) assignments of expert_idx[T, k] by expert (stable: token order within an expert)."""
+    k = expert_idx.shape[1]
+    flat = expert_idx.reshape(-1)  # [T*k]
+    key = torch.where(flat < 0, num_experts, flat)  # skipped assignments sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    order = order[:int(counts.sum())]
+    return Dispatch(order, order // k, counts)
+
+
+def combine(ys: Tensor, d: Dispatch, weights: Tensor, num_tokens: int) -> Tensor:
+    """Weighted sum of the expert outputs ys[N, d] back into [T, d] token order."""
+    ys = ys * weights.reshape(-1)[d.order].to(ys.dtype)[:, None]
+    return ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, d.token, ys)

@@ -1,0 +1,1 @@
+"""Training engine: optimizer and schedule, checkpoints with exact resume, the trainer, distributed set-up."""
