@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.data.common import load_image, pad, read_json, require
+from mm_moe.data.common import SeededItems, pad, read_json, require
 
 TRAIN_SPLITS = ("train", "restval")
 
@@ -44,7 +44,7 @@ def write_coco_gt(karpathy: str | Path, split: str, out: str | Path) -> Path:
     return out
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(SeededItems, Dataset):
     """Training: one item per (image, caption). Evaluation (`per_image=True`): one item per image."""
 
     def __init__(self, karpathy: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
@@ -66,7 +66,7 @@ class CaptionDataset(Dataset):
         idx, caption = self.items[i]
         im = self.images[idx]
         path = self.root / im.get("filepath", "") / im["filename"]
-        item = {"image_id": im["cocoid"], "image": self.transform(load_image(path))}
+        item = {"image_id": im["cocoid"], "image": self.load(path, i)}
         if caption is not None:
             item["text_ids"] = self.tokenizer(caption, truncation=True, max_length=self.max_text_len)["input_ids"]
         return item

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
+
+from mm_moe.data.transforms import seeded
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -58,6 +61,20 @@ def load_image(path: Path) -> Image.Image:
             return im.convert("RGB")
     except (OSError, ValueError) as err:
         raise OSError(f"{path}: cannot read image ({err})") from err
+
+
+class SeededItems:
+    """Mixin for map-style datasets: an item's augmentation depends only on (seed, epoch, index, image number)."""
+
+    transform: Callable
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.seed, self.epoch = seed, epoch
+
+    def load(self, path: Path, index: int, which: int = 0) -> Tensor:
+        return seeded(self.transform, load_image(path), self.seed, self.epoch, index, which)
 
 
 def pad(seqs: list[list[int]], value: int) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.data.common import images_by_name, load_image, pad, require
+from mm_moe.data.common import SeededItems, images_by_name, pad, require
 
 
 def read_nlvr2(path: str | Path) -> list[dict]:
@@ -40,7 +40,7 @@ def image_names(identifier: str) -> tuple[str, str]:
     return f"{prefix}-img0.png", f"{prefix}-img1.png"
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(SeededItems, Dataset):
     """One item per statement: left and right images, tokenised sentence, label (1 = True)."""
 
     def __init__(self, jsonl: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
@@ -58,7 +58,7 @@ class NLVR2Dataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        left, right = (self.transform(load_image(self.paths[n])) for n in image_names(row["identifier"]))
+        left, right = (self.load(self.paths[n], i, which) for which, n in enumerate(image_names(row["identifier"])))
         return {"identifier": row["identifier"], "left": left, "right": right, "label": int(row["label"] == "True"),
                 "text_ids": self.tokenizer(row["sentence"], truncation=True, max_length=self.max_text_len)["input_ids"]}
 

@@ -22,7 +22,7 @@ import webdataset as wds
 
 from mm_moe.data.common import pad
 from mm_moe.data.masking import BlockMasking, mask_text
-from mm_moe.data.transforms import eval_transform, train_transform
+from mm_moe.data.transforms import eval_transform, seed_of, seeded, train_transform
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -79,14 +79,6 @@ class PretrainSample:
                                     min_block=min(cfg.min_block, grid * grid // 4 or 1))
         self.special = set(tokenizer.all_special_ids)
         self.seed = seed
-        self.rng: random.Random | None = None
-
-    def _rng(self) -> random.Random:
-        if self.rng is None:  # one stream per (seed, rank, worker), created in the worker that uses it
-            info = torch.utils.data.get_worker_info()
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self.rng = random.Random(f"{self.seed}-{rank}-{info.id if info else -1}")
-        return self.rng
 
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
@@ -96,12 +88,15 @@ class PretrainSample:
         caption = sample.get("txt")
         if not isinstance(caption, str) or not caption.strip():
             raise KeyError(f"sample {key!r} in {sample.get('__url__', '?')}: missing or empty caption (.txt)")
-        rng = self._rng()
+        # randomness from (seed, url, key) alone: the same sample gets the same crop and masks however the
+        # stream was split over ranks and workers, and after a resume
+        rng = random.Random(seed_of(self.seed, sample.get("__url__"), key))
         ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.cfg.max_text_len)["input_ids"]
         inputs, labels = mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
                                    vocab_size=len(self.tokenizer), rng=rng, prob=self.cfg.mlm_prob)
-        return {"key": key, "image": self.transform(image.convert("RGB")), "text_ids": ids, "masked_ids": inputs,
-                "mlm_labels": labels, "patch_mask": self.masking(rng)}
+        image = seeded(self.transform, image.convert("RGB"), self.seed, sample.get("__url__"), key)
+        return {"key": key, "image": image, "text_ids": ids, "masked_ids": inputs, "mlm_labels": labels,
+                "patch_mask": self.masking(rng)}
 
 
 class Collate:

@@ -1,9 +1,29 @@
-"""torchvision v2 image transforms (BEiT-3 normalisation: mean = std = 0.5)."""
+"""torchvision v2 image transforms (BEiT-3 normalisation: mean = std = 0.5), and per-sample seeding."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torchvision.transforms import v2
+
+
+def seed_of(*key: Any) -> int:
+    """A stable 63-bit seed from a key like (run seed, epoch, sample id); unlike hash(), the same in every process."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def seeded(transform: Callable, image: Any, *key: Any) -> Any:
+    """Apply a random transform with torch's RNG seeded by `key`, leaving the global RNG untouched.
+
+    Augmentation then depends only on (seed, epoch, sample), not on what ran before: a resumed run that
+    skips batches, or a different number of DataLoader workers, sees exactly the same crops.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(*key))
+        return transform(image)
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)

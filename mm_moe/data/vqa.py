@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.data.common import images_by_number, load_image, pad, read_json, require
+from mm_moe.data.common import SeededItems, images_by_number, pad, read_json, require
 from mm_moe.eval.vqa_metric import normalize_answer
 
 
@@ -55,7 +55,7 @@ class AnswerVocab:
         return target
 
 
-class VQADataset(Dataset):
+class VQADataset(SeededItems, Dataset):
     """One item per question: image, tokenised question, and (with annotations) soft answer scores."""
 
     def __init__(self, questions: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
@@ -84,7 +84,7 @@ class VQADataset(Dataset):
         q = self.questions[i]
         item = {
             "question_id": q["question_id"],
-            "image": self.transform(load_image(self.image_paths[q["image_id"]])),
+            "image": self.load(self.image_paths[q["image_id"]], i),
             "text_ids": self.tokenizer(q["question"], truncation=True, max_length=self.max_text_len)["input_ids"],
         }
         if self.vocab is not None and self.answers:

@@ -100,6 +100,7 @@ def map_loader(ds: Dataset, batch_size: int, cfg: TrainConfig, collate: Callable
 
     Under DDP every rank takes a disjoint stride of the same permutation (equal batch counts: the tail is dropped).
     """
+    ds.set_epoch(cfg.seed, epoch)  # augmentation from (seed, epoch, index): exact after a resume, any worker count
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = list(RandomSampler(ds, generator=g)) if shuffle else list(range(len(ds)))
     if world > 1:

@@ -1,0 +1,98 @@
+"""Worker functions for the 2-process (gloo, CPU) tests; spawned by tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from mm_moe.config import FFNConfig
+from mm_moe.engine.distributed import DistInfo, shard_experts, wrap_model
+from mm_moe.model import BEiT3Config, BEiT3ForVQA
+from mm_moe.moe import GroupedExperts
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def tiny_vqa(moe: bool) -> BEiT3ForVQA:
+    torch.manual_seed(0)
+    cfg = BEiT3Config(img_size=16, patch_size=8, vocab_size=50, max_text_len=8, d_model=32, depth=2, heads=4,
+                      ffn=FFNConfig(kind="dense", hidden=64, subln=True),
+                      moe=FFNConfig(kind="smoe", hidden=32, num_experts=4, top_k=2, balance_coef=0.0) if moe else None,
+                      moe_layers="all" if moe else "none")
+    return BEiT3ForVQA(cfg, 5)
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(8, 3, 16, 16, generator=g), torch.randint(1, 50, (8, 6), generator=g),
+            torch.rand(8, 5, generator=g))
+
+
+def train_steps(model, images, ids, targets, steps=2):
+    """Plain SGD steps; returns the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        out = model(images, ids, None, targets)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.detach())
+    return losses
+
+
+def ddp_matches_single(rank: int, world: int, port: int, moe: bool, mode: str, out_dir: str) -> None:
+    """Each rank trains on its half of the global batch; results saved for the parent to compare."""
+    init(rank, world, port)
+    images, ids, targets = global_batch()
+    half = slice(rank * 4, (rank + 1) * 4)
+    model = tiny_vqa(moe)
+    wrapped = wrap_model(model, mode, DistInfo(rank, world))
+    losses = train_steps(wrapped, images[half], ids[half], targets[half])
+    for i, loss in enumerate(losses):
+        dist.all_reduce(loss)
+        losses[i] = loss / world
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({"losses": torch.stack(losses), "state": state}, f"{out_dir}/ddp.pt")
+    dist.destroy_process_group()
+
+
+def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The expert-parallel layer gives the local layer's outputs and gradients."""
+    init(rank, world, port)
+    torch.manual_seed(0)
+    full = GroupedExperts(4, 16, 8, "swiglu", bias=True, subln=True)
+    torch.manual_seed(10 + rank)  # each rank has its own tokens and routing
+    x = torch.randn(12, 16, requires_grad=True)
+    idx = torch.randint(0, 4, (12, 2))
+    idx[0, 1] = -1  # a skipped assignment
+    w = torch.rand(12, 2)
+    grad = torch.randn(12, 16)
+
+    ref = full(x, idx, w)
+    (ref * grad).sum().backward()
+    ref_x_grad = x.grad.clone()
+    x.grad = None
+    ref_param_grads = {n: p.grad.clone() for n, p in full.named_parameters()}
+    for g in ref_param_grads.values():
+        dist.all_reduce(g)  # an expert's gradient collects every rank's tokens
+
+    holder = torch.nn.Module()
+    holder.experts = full
+    shard_experts(holder)
+    ep = holder.experts
+    out = ep(x, idx, w)
+    (out * grad).sum().backward()
+    e_local = 4 // world
+    local_grads = {n: p.grad for n, p in ep.local.named_parameters()}
+    torch.save({"out_err": (out - ref).abs().max(), "x_grad_err": (x.grad - ref_x_grad).abs().max(),
+                "param_grad_err": max((local_grads[n] - g[rank * e_local:(rank + 1) * e_local]).abs().max()
+                                      for n, g in ref_param_grads.items())}, f"{out_dir}/ep{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,136 @@
+"""Optimizer groups and schedule, atomic checkpoints, NaN stop, and exact resume of a killed run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_moe.config import load_config
+from mm_moe.data.synthetic import write_world
+from mm_moe.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
+from mm_moe.engine.distributed import DistInfo
+from mm_moe.engine.optim import OptimConfig, build_optimizer, build_schedule, warmup_cosine
+from mm_moe.engine.trainer import TrainConfig, Trainer
+from mm_moe.model import BEiT3Config, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg() -> BEiT3Config:
+    return load_config(BEiT3Config, ROOT / "configs/model/tiny.yaml",
+                       ["d_model=32", "depth=2", "heads=2", "ffn.hidden=64", "moe.hidden=16", "moe.num_experts=4",
+                        "vocab_size=60"])
+
+
+def test_layer_decay_survives_the_schedule_and_no_decay_groups():
+    model = BEiT3ForVQA(tiny_cfg(), 5)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5, warmup_steps=2))
+    sched = build_schedule(opt, OptimConfig(lr=1e-3, layer_decay=0.5, warmup_steps=2), total_steps=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            scale_of[names[id(p)]] = g["initial_lr"] / 1e-3  # the schedule has already applied warmup to "lr"
+            if g["weight_decay"]:
+                assert p.ndim >= 2 and not names[id(p)].endswith((".b1", ".b2", ".norm_w", ".norm_b", ".expert_emb"))
+    # stem 0.5^3, block 0 0.5^2, block 1 0.5, final norm and heads 1 (unilm's BEiT-3 layer ids)
+    assert scale_of["beit3.text.tokens.weight"] == pytest.approx(0.125)
+    assert scale_of["beit3.encoder.blocks.0.attn.q.v.weight"] == pytest.approx(0.25)
+    assert scale_of["beit3.encoder.blocks.1.ffn.v.experts.w1"] == pytest.approx(0.5)
+    assert scale_of["head.3.weight"] == scale_of["beit3.encoder.norm.v.weight"] == pytest.approx(1.0)
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"beit3.text.tokens.weight", "beit3.vision.pos_embed", "beit3.encoder.blocks.1.ffn.v.experts.b1"} <= no_decay
+    initial = [g["initial_lr"] for g in opt.param_groups]
+    for step in range(6):
+        opt.step()
+        sched.step()
+        factor = warmup_cosine(step + 1, 2, 10, 0.01)
+        for g, lr0 in zip(opt.param_groups, initial, strict=True):
+            assert g["lr"] == pytest.approx(lr0 * factor)  # every group keeps its layer scale
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
+    model = BEiT3ForPretraining(tiny_cfg())
+    (tmp_path / "step-00000009.tmp").mkdir()  # a write killed half-way
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {"x": step}, {"step": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+    fresh = BEiT3ForPretraining(tiny_cfg())
+    load_weights(fresh, tmp_path)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert fresh.mlm.embedding.weight is fresh.beit3.text.tokens.weight
+    assert load_state(tmp_path)["step"] == 3
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(m, batch):
+        loss = m(batch["x"]).sum() * (float("nan") if batch["i"] == 2 else 1.0)
+        return TaskOutput(loss, loss, torch.zeros(()), {}, {"task": loss})
+
+    batches = [{"x": torch.ones(1, 2), "i": i} for i in range(5)]
+    trainer = Trainer(model, opt, build_schedule(opt, OptimConfig(warmup_steps=1), 5), lambda e: batches, step,
+                      TrainConfig(steps=5, log_every=1, ckpt_every=100), tmp_path, {}, DistInfo())
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 3"):
+        trainer.fit()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path):
+    world = tmp_path / "world"
+    write_world(world, n_train=40, n_val=2, n_test=2, n_pairs_train=2, n_pairs_dev=2, size=32, shard_count=30)
+    args = [sys.executable, str(ROOT / "train_mm.py"), "pretrain", "--config", str(ROOT / "configs/pretrain_demo.yaml"),
+            "model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
+            "model.moe.hidden=16", "model.moe.num_experts=4", "train.batch_size=8", "train.grad_accum=2",
+            "train.steps=10", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
+            "train.ema_decay=0.9", f"pretrain_data.shards={world / 'shards'}", "pretrain_data.shuffle_buffer=20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([*args, f"run_dir={full}"], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, f"run_dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "step-00000004").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = latest_checkpoint(killed)
+    assert resumed_from is not None and int(resumed_from.name[5:]) < 10, "the run finished before it was killed"
+    done = _losses(killed)
+    subprocess.run([*args, f"run_dir={killed}", "--resume"], check=True, env=env, capture_output=True)
+    after = _losses(killed)
+    reference = _losses(full)
+    start = int(resumed_from.name[5:])
+    # every step after the checkpoint, recomputed after the kill, equals the uninterrupted run's
+    for step in range(start + 1, 11):
+        assert after[step] == reference[step], (step, after[step], reference[step])
+    assert set(done) | set(after) == set(reference)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "step-00000010" / "model.safetensors") for run in (killed, full))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # final (EMA) weights, bit for bit
