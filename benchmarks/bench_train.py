@@ -1,0 +1,119 @@
+"""Pretraining step throughput of dense / SMoE / X-MoE / MH-MoE / CartesianMoE BEiT-3 models at equal active FLOPs.
+
+MoE FFNs go in every other layer; each MoE config is matched to the dense FFN (inner size F) in active FLOPs:
+SMoE / X-MoE 8 experts of F, top-1; MH-MoE (mhmoe_matched) h=4, top-2; CartesianMoE 2 groups of 8 sub-experts
+of F/4 + 1 shared of F/4, top-1 (all GELU, so the FLOPs really match). A step is the full masked multimodal
+pretraining step (MLM, MIM and VLM passes, backward, AdamW). Models are timed interleaved, round after round,
+in one run; ratios are to the dense model. On a GPU the table adds model FLOPs utilisation (bf16 peak).
+
+    python benchmarks/bench_train.py                    # tiny and base on CPU
+    python benchmarks/bench_train.py --sizes base --batch 64 --rounds 10   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mm_moe.config import FFNConfig, load_config
+from mm_moe.engine.tasks import Objectives, pretrain_step
+from mm_moe.model import BEiT3Config, BEiT3ForPretraining
+from mm_moe.moe import mhmoe_matched
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+
+
+def variants(cfg: BEiT3Config) -> dict[str, FFNConfig | None]:
+    d, f = cfg.d_model, cfg.ffn.hidden
+    mh = mhmoe_matched(d, f, num_experts=8, top_k=1, heads=4, mh_top_k=2, activation="gelu", subln=True)
+    return {
+        "dense": None,
+        "smoe": FFNConfig(kind="smoe", hidden=f, num_experts=8, top_k=1, subln=True),
+        "xmoe": FFNConfig(kind="xmoe", hidden=f, num_experts=8, top_k=1, subln=True),
+        "mhmoe": mh["mhmoe"],
+        "cartesian": FFNConfig(kind="cartesian", hidden=f // 4, num_experts=8, top_k=1, num_shared_experts=1,
+                               renormalize=True, subln=True),
+    }
+
+
+def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    length = min(cfg.max_text_len, 32)
+    ids = torch.randint(1000, cfg.vocab_size, (n, length), generator=g)
+    labels = torch.where(torch.rand(n, length, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    labels[:, 1] = ids[:, 1]
+    patches = (cfg.img_size // cfg.patch_size) ** 2
+    b = {"images": torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=g), "masked_ids": ids,
+         "text_padding": torch.zeros(n, length, dtype=torch.bool), "mlm_labels": labels,
+         "patch_mask": torch.rand(n, patches, generator=g) < 0.4}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="per size (default: tiny 32, base 4)")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    step_fn = pretrain_step(Objectives())
+    peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)
+    print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, {device}, "
+          f"{'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}")
+    print("| size | model | params | samples/s | vs dense |" + (" MFU |" if peak else ""))
+    print("|---|---|---|---|---|" + ("---|" if peak else ""))
+    for i, size in enumerate(args.sizes):
+        base = load_config(BEiT3Config, f"configs/model/{size}.yaml", ["moe=null", "moe_layers=none"])
+        n = args.batch[i] if args.batch else {"tiny": 32}.get(size, 4)
+        b = batch(base, n, device)
+        runs = {}
+        for name, moe in variants(base).items():
+            torch.manual_seed(0)
+            cfg = BEiT3Config(**{**base.__dict__, "moe": moe, "moe_layers": "every_other" if moe else "none"})
+            model = BEiT3ForPretraining(cfg).to(device)
+            runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+        def step(name: str) -> float:
+            model, opt = runs[name]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = step_fn(model, b)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        times = {name: [] for name in runs}
+        for name in runs:
+            step(name)  # warm-up
+        for _ in range(args.rounds):
+            order = list(runs)
+            random.shuffle(order)
+            for name in order:
+                times[name].append(step(name))
+        dense_t = statistics.median(times["dense"])
+        for name, (model, _) in runs.items():
+            t = statistics.median(times[name])
+            row = f"| {size} | {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x |"
+            if peak:
+                counter = FlopCounterMode(display=False)
+                with counter, torch.autocast(device.type, dtype=torch.bfloat16):
+                    step_fn(model, b).loss.backward()
+                row += f" {100 * counter.get_total_flops() / t / peak:.1f}% |"
+                model.zero_grad(set_to_none=True)
+            print(row, flush=True)
+        runs.clear()
+
+
+if __name__ == "__main__":
+    main()
