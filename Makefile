@@ -14,16 +14,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/bench_moe.py --quick
+	$(BIN)/python demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_moe.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_decode.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check mm_moe tests benchmarks data
+	$(BIN)/python -m ruff check mm_moe tests benchmarks data *.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

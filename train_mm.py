@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (pre, fin):
         sp.add_argument("--config", required=True)
         sp.add_argument("--resume", action="store_true", help="continue the run in run_dir from its latest checkpoint")
-        sp.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 optim.lr=1e-4")
-    args = p.parse_args(argv)
+    p.epilog = "Config overrides follow as key=value, e.g. train.steps=100 optim.lr=1e-4 run_dir=runs/x"
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        p.error(f"unrecognized arguments {bad} (config overrides are key=value)")
+    args.overrides = overrides
     task = "pretrain" if args.mode == "pretrain" else args.task
     cfg = load_config(RunConfig, args.config, [*args.overrides, f"task={task}"])
     info = init_distributed()
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = build_schedule(optimizer, cfg.optim, cfg.train.steps)
     config = to_dict(cfg)
     trainer = Trainer(wrapped, optimizer, schedule, built.loader, built.step, cfg.train, run_dir, config, info,
-                      raw_model=model, clip_grad=cfg.optim.clip_grad)
+                      raw_model=model, clip_grad=cfg.optim.clip_grad, patch_size=cfg.model.patch_size)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

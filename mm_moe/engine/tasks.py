@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
 
 from mm_moe.data.coco import CaptionDataset
 from mm_moe.data.nlvr2 import NLVR2Dataset
@@ -198,7 +199,7 @@ def eval_vqa_predictions(model: BEiT3ForVQA, ds: VQADataset, vocab: AnswerVocab,
     results = []
     loader = DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate)
     with torch.no_grad():
-        for b in loader:
+        for b in tqdm(loader, desc="vqa eval", unit="batch", leave=False):
             logits = model(b["images"].to(device), b["text_ids"].to(device), b["text_padding"].to(device)).logits
             results += [{"question_id": q, "answer": vocab.answers[i]} for q, i in zip(b["question_ids"],
                                                                                       logits.argmax(1).tolist(), strict=True)]
@@ -210,7 +211,7 @@ def eval_nlvr2(model: BEiT3ForNLVR2, ds: NLVR2Dataset, batch_size: int, device: 
     model.eval()
     out = []
     with torch.no_grad():
-        for b in DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate):
+        for b in tqdm(DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate), desc="nlvr2 eval", leave=False):
             logits = model(b["images_left"].to(device), b["images_right"].to(device), b["text_ids"].to(device),
                            b["text_padding"].to(device)).logits
             out += list(zip(b["identifiers"], (logits.argmax(1) == 1).tolist(), strict=True))

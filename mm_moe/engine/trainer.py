@@ -56,12 +56,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def batch_tokens(batch: dict) -> int:
-    """Tokens the encoder processes for a batch: image patches + [CLS] and real text tokens."""
+def batch_tokens(batch: dict, patch_size: int) -> int:
+    """Tokens the encoder processes for one pass over a batch: image patches + [CLS] and real text tokens."""
     n = 0
     for key in ("images", "images_left", "images_right"):
         if key in batch:
-            n += batch[key].shape[0] * (1 + (batch[key].shape[-1] // 16) ** 2)  # a nominal 16px patch count
+            n += batch[key].shape[0] * (1 + (batch[key].shape[-2] // patch_size) * (batch[key].shape[-1] // patch_size))
     if "text_padding" in batch:
         n += int((~batch["text_padding"]).sum())
     return n
@@ -76,9 +76,9 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
                  loader: Callable[[int], Iterable[dict]], step: Callable[[nn.Module, dict], Any], cfg: TrainConfig,
                  run_dir: str | Path, config: dict, info: DistInfo, raw_model: nn.Module | None = None,
-                 clip_grad: float | None = None) -> None:
+                 clip_grad: float | None = None, patch_size: int = 16) -> None:
         """`model` may be DDP-wrapped; `raw_model` is the bare module whose weights are saved (default: model)."""
-        self.clip_grad = clip_grad
+        self.clip_grad, self.patch_size = clip_grad, patch_size
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.step_fn, self.cfg = loader, step, cfg
         self.run_dir, self.config, self.info = Path(run_dir), config, info
@@ -167,7 +167,7 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
                 acc["loss"] += loss.item() / cfg.grad_accum
                 acc["aux"] += out.aux_loss.item() / cfg.grad_accum
-                acc["tokens"] += batch_tokens(batch)
+                acc["tokens"] += batch_tokens(batch, self.patch_size)
                 acc["skipped"] += batch.get("num_skipped", 0)
                 acc["balance"] += load_balance(out.stats) / cfg.grad_accum
             grad_norm = self._clip()

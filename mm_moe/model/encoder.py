@@ -78,6 +78,20 @@ class Block(nn.Module):
         self.gamma_attn = nn.Parameter(torch.full((d_model,), layer_scale)) if layer_scale else None
         self.gamma_ffn = nn.Parameter(torch.full((d_model,), layer_scale)) if layer_scale else None
 
+    def cached(self, x: Tensor, split: int, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
+               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Inference step over new tokens x that attend to `past` keys/values plus themselves (as `mask` allows).
+
+        Returns the block output and x's own keys/values, for the caller to cache. Same math as forward().
+        """
+        h = self.attn_norm(x, split)
+        k, v = self.attn.project_kv(h, split)
+        kv = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        y = self.attn(h, split, mask, kv=kv)
+        x = x + (y if self.gamma_attn is None else self.gamma_attn * y)
+        y = self.ffn(x if self.ffn_norm is None else self.ffn_norm(x, split), split, padding_mask=None)
+        return x + (y if self.gamma_ffn is None else self.gamma_ffn * y), (k, v)
+
     def forward(self, x: Tensor, split: int, mask: Tensor | None, padding_mask: Tensor | None) -> Tensor:
         y = self.attn(self.attn_norm(x, split), split, mask)
         x = x + self.drop_path(y if self.gamma_attn is None else self.gamma_attn * y)

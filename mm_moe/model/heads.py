@@ -225,14 +225,21 @@ class BEiT3ForCaptioning(TaskModel):
 
     def forward(self, images: Tensor, text_ids: Tensor, text_padding: Tensor | None = None,
                 labels: Tensor | None = None) -> TaskOutput:
-        """text_ids contain [MASK] where labels (Long[B, L], -100 elsewhere) ask for the original token."""
+        """text_ids contain [MASK] where labels (Long[B, L], -100 elsewhere) ask for the original token.
+
+        With labels, logits are computed at the labelled positions only ([M, vocab], row-major order).
+        """
         n_img = self.beit3.vision.num_patches + 1
         mask = caption_mask(n_img, text_ids.shape[1], text_ids.device)
         out = self.beit3(images, text_ids, text_padding, attn_mask=mask)
-        logits = self.head(out.hidden[:, out.split:])
+        text_hidden = out.hidden[:, out.split:]
         losses = {}
         if labels is not None:
-            losses["caption"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            chosen = labels != -100
+            logits = self.head(text_hidden[chosen])
+            losses["caption"] = F.cross_entropy(logits.float(), labels[chosen])
+        else:
+            logits = self.head(text_hidden)
         return _output(logits, losses, out.aux_loss, out.stats)
 
 

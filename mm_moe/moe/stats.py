@@ -87,12 +87,8 @@ class RoutingStats:
         return self.counts.float() / self.num_tokens.clamp_min(1)
 
     def activation_ratio(self, threshold: float = 0.01) -> float:
-        """Fraction of experts whose selection frequency (selections / routed tokens) exceeds `threshold`.
-
-        This is the MH-MoE paper's measure (its Figure 1 heatmap), which leaves the threshold unstated
-        ("< 1"); 0.01 means an expert counts as activated once it serves over 1% of the tokens.
-        """
-        return (self.selection_frequency > threshold).float().mean().item()
+        """This layer's expert activation ratio (see `activation_ratio`)."""
+        return activation_ratio([self], threshold)
 
     @property
     def dropped_fraction(self) -> float:
@@ -110,3 +106,14 @@ class RoutingStats:
         """Max over groups of (largest expert load / mean load); 1.0 is perfectly balanced."""
         load = self.load
         return (load.max(-1).values * load.shape[-1]).max().item()
+
+
+def activation_ratio(layers: list[RoutingStats], threshold: float = 0.01) -> float:
+    """Fraction of all (layer, expert) cells whose selection frequency (selections / routed tokens) exceeds
+    `threshold`: the MH-MoE paper's expert activation ratio (its Figure 1 heatmap over layers x experts).
+
+    The paper leaves the threshold unstated ("< 1"); 0.01 counts an expert as activated once it serves over
+    1% of its layer's (sub-)tokens.
+    """
+    freq = torch.cat([s.selection_frequency.flatten() for s in layers])
+    return (freq > threshold).float().mean().item()

@@ -1,0 +1,179 @@
+"""Caption decoding (beam search over BEiT-3's masked-token captioning) and COCO caption scoring.
+
+Decoding: the text so far is followed by a [MASK] whose prediction is the next token. Under the captioning
+mask, image tokens attend only to the image and text causally, so with `use_cache` the image is encoded once
+(its keys/values in every layer are reused across steps and beams) and each step only runs the newest real
+token and the new [MASK]; without the cache every step re-encodes image and text (the reference).
+
+Scoring: pycocoevalcap's PTBTokenizer and the Bleu, Meteor, Rouge, Cider scorers called directly
+(COCOEvalCap.evaluate would download CoreNLP for SPICE); SPICE only when it can run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mm_moe.model import BEiT3ForCaptioning, caption_mask
+
+
+@dataclass
+class BeamConfig:
+    beam_size: int = 3  # 1 = greedy
+    max_len: int = 25  # generated tokens, [SEP] included
+    min_len: int = 1
+    length_penalty: float = 0.6  # final score = sum log p / length ** length_penalty
+    no_repeat_ngram: int = 3  # 0 = off
+
+
+class CaptionDecoder:
+    """Beam search for a BEiT3ForCaptioning model; `use_cache=False` re-encodes everything each step."""
+
+    def __init__(self, model: BEiT3ForCaptioning, tokenizer: Any, cfg: BeamConfig | None = None, use_cache: bool = True):
+        self.model, self.tok, self.cfg, self.use_cache = model.eval(), tokenizer, cfg or BeamConfig(), use_cache
+        self.n_img = model.beit3.vision.num_patches + 1
+        self.banned = [i for i in tokenizer.all_special_ids if i != tokenizer.sep_token_id]
+
+    # --- next-token log-probabilities ----------------------------------------------------------------------
+    def _image_cache(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Keys/values of the image tokens in every block (image-only pass: what the captioning mask allows)."""
+        beit3 = self.model.beit3
+        x = beit3.vision(images)
+        cache = []
+        for block in beit3.encoder.blocks:
+            x, kv = block.cached(x, self.n_img, None, None)
+            cache.append(kv)
+        return cache
+
+    def _step_cached(self, ids: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Run [last real token, MASK] at positions t-1, t; append the real token's keys/values to `cache`."""
+        beit3 = self.model.beit3
+        t = ids.shape[1]
+        new = torch.stack([ids[:, -1], torch.full_like(ids[:, -1], self.tok.mask_token_id)], 1)
+        x = beit3.text(new, positions=torch.arange(t - 1, t + 1, device=ids.device))
+        past_len = cache[0][0].shape[2]
+        mask = torch.ones(2, past_len + 2, dtype=torch.bool, device=ids.device)
+        mask[0, -1] = False  # the real token does not see the [MASK] after it
+        for i, block in enumerate(beit3.encoder.blocks):
+            x, (k, v) = block.cached(x, 0, mask[None, None], cache[i])
+            cache[i] = (torch.cat([cache[i][0], k[:, :, :1]], 2), torch.cat([cache[i][1], v[:, :, :1]], 2))
+        h = beit3.encoder.norm(x[:, -1:], 0)
+        return self.model.head(h[:, 0]).float().log_softmax(-1)
+
+    def _step_full(self, ids: Tensor, images: Tensor) -> Tensor:
+        masked = torch.cat([ids, torch.full_like(ids[:, :1], self.tok.mask_token_id)], 1)
+        mask = caption_mask(self.n_img, masked.shape[1], ids.device)
+        hidden = self.model.beit3(images, masked, attn_mask=mask).hidden
+        return self.model.head(hidden[:, -1]).float().log_softmax(-1)
+
+    # --- beam search -----------------------------------------------------------------------------------------
+    def _ban_repeats(self, logp: Tensor, ids: Tensor) -> None:
+        n = self.cfg.no_repeat_ngram
+        if n <= 0 or ids.shape[1] < n:
+            return
+        for row, seq in enumerate(ids.tolist()):
+            prefix = tuple(seq[len(seq) - n + 1:])
+            for j in range(len(seq) - n + 1):
+                if tuple(seq[j:j + n - 1]) == prefix:
+                    logp[row, seq[j + n - 1]] = -float("inf")
+
+    @torch.no_grad()
+    def generate(self, images: Tensor) -> list[list[int]]:
+        """Token ids (without [CLS]/[SEP]) of the best caption for each image."""
+        cfg, b, k = self.cfg, images.shape[0], self.cfg.beam_size
+        dev = images.device
+        ids = torch.full((b * k, 1), self.tok.cls_token_id, dtype=torch.long, device=dev)
+        scores = torch.zeros(b, k, device=dev)
+        scores[:, 1:] = -float("inf")  # all beams start identical: expand only the first
+        beam_images = images.repeat_interleave(k, 0)
+        cache = [(kk.repeat_interleave(k, 0), vv.repeat_interleave(k, 0)) for kk, vv in self._image_cache(images)] \
+            if self.use_cache else None
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        for step in range(cfg.max_len):
+            logp = self._step_cached(ids, cache) if cache is not None else self._step_full(ids, beam_images)
+            logp[:, self.banned] = -float("inf")
+            if step + 1 < cfg.min_len:
+                logp[:, self.tok.sep_token_id] = -float("inf")
+            self._ban_repeats(logp, ids)
+            vocab = logp.shape[1]
+            cand = (scores.reshape(-1, 1) + logp).reshape(b, k * vocab)
+            top, flat = cand.topk(2 * k, dim=1)  # enough candidates to keep k beams alive after finished ones leave
+            next_ids, next_scores, origin = [], [], []
+            for i in range(b):
+                kept = 0
+                for score, f in zip(top[i].tolist(), flat[i].tolist(), strict=True):
+                    beam, token = divmod(f, vocab)
+                    src = i * k + beam
+                    if token == self.tok.sep_token_id or step == cfg.max_len - 1:
+                        if score > -float("inf"):
+                            seq = ids[src, 1:].tolist() + ([] if token == self.tok.sep_token_id else [token])
+                            finished[i].append((score / (step + 1) ** cfg.length_penalty, seq))
+                        continue
+                    if kept < k:
+                        next_ids.append(token)
+                        next_scores.append(score)
+                        origin.append(src)
+                        kept += 1
+                while kept < k:  # fewer than k live candidates: pad with dead beams
+                    next_ids.append(self.tok.pad_token_id)
+                    next_scores.append(-float("inf"))
+                    origin.append(i * k)
+                    kept += 1
+            if all(len(f) >= k for f in finished) or step == cfg.max_len - 1:
+                break
+            origin_t = torch.tensor(origin, device=dev)
+            ids = torch.cat([ids[origin_t], torch.tensor(next_ids, device=dev)[:, None]], 1)
+            scores = torch.tensor(next_scores, device=dev).reshape(b, k)
+            if cache is not None:
+                cache = [(kk[origin_t], vv[origin_t]) for kk, vv in cache]
+        return [max(f, key=lambda s: s[0])[1] if f else [] for f in finished]
+
+    def captions(self, images: Tensor) -> list[str]:
+        return [self.tok.decode(seq, skip_special_tokens=True).strip() for seq in self.generate(images)]
+
+
+def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = False) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE if asked and runnable) of [{"image_id", "caption"}] against a
+    COCO-format ground truth, exactly as pycocoevalcap computes them (PTB tokenisation first)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(gt_json))
+    ids = sorted({r["image_id"] for r in results})
+    if len(ids) != len(results):
+        raise ValueError("results must have exactly one caption per image_id")
+    missing = set(ids) - set(coco.getImgIds())
+    if missing:
+        raise KeyError(f"{gt_json}: no ground truth for image_id(s) {sorted(missing)[:5]}")
+    gts = {i: [{"caption": a["caption"]} for a in coco.imgToAnns[i]] for i in ids}
+    res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    out: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    out.update({f"BLEU-{n + 1}": b for n, b in enumerate(bleu)})
+    out["METEOR"], _ = Meteor().compute_score(gts, res)
+    out["ROUGE-L"], _ = Rouge().compute_score(gts, res)
+    out["CIDEr"], _ = Cider().compute_score(gts, res)
+    if use_spice:
+        try:
+            from pycocoevalcap.spice.spice import Spice
+
+            out["SPICE"], _ = Spice().compute_score(gts, res)
+        except Exception as err:
+            print(f"SPICE skipped: {type(err).__name__}: {err}")
+    return out
+
+
+def write_results(path: str | Path, image_ids: list[int], captions: list[str]) -> None:
+    """COCO caption results: [{"image_id", "caption"}], one per image."""
+    Path(path).write_text(json.dumps([{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]))

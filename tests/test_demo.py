@@ -1,0 +1,28 @@
+"""The end-to-end demo, smaller: synthetic world -> pretrain -> fine-tune VQA / NLVR2 / captioning -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_demo_beats_the_baselines(tmp_path):
+    res = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    majority = json.loads((tmp_path / "world" / "summary.json").read_text())["vqa_val"]["majority_accuracy"]
+    assert results["vqa"]["vqa_val_accuracy"] > majority + QUICK_VQA_MARGIN
+    assert results["nlvr2"]["nlvr2_dev_accuracy"] > QUICK_NLVR2_MIN
+    assert results["caption"]["CIDEr"] > QUICK_CIDER_MIN
+    assert 0 < results["activation_ratio"] <= 1
+    assert "| VQA accuracy (val, official metric) |" in res.stdout
+    for stage in ("pretrain", "vqa", "nlvr2", "caption"):
+        assert (tmp_path / stage / "done").is_file()
