@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"vqa": vqa, "nlvr2": nlvr2, "caption": cap, "activation_ratio": ratio,
               "minutes": round((time.perf_counter() - t0) / 60, 1)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"\n| result | ours | baseline |\n|---|---|---|")
+    print("\n| result | ours | baseline |\n|---|---|---|")
     for name, ours, base in rows:
         print(f"| {name} | {ours} | {base} |")
     print(f"\nexample caption: {cap['example']!r}\nper answer type: {vqa['per_answer_type']}")

@@ -54,6 +54,21 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
+def timed_step(model, opt, step_fn, b: dict, device: torch.device, amp: bool) -> float:
+    """Seconds for one full training step (forward passes, backward, optimizer)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        out = step_fn(model, b)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
@@ -79,32 +94,19 @@ def main() -> None:
             model = BEiT3ForPretraining(cfg).to(device)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
-        def step(name: str) -> float:
-            model, opt = runs[name]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = step_fn(model, b)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
         times = {name: [] for name in runs}
         for name in runs:
-            step(name)  # warm-up
+            timed_step(*runs[name], step_fn, b, device, amp)  # warm-up
         for _ in range(args.rounds):
             order = list(runs)
             random.shuffle(order)
             for name in order:
-                times[name].append(step(name))
+                times[name].append(timed_step(*runs[name], step_fn, b, device, amp))
         dense_t = statistics.median(times["dense"])
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])
-            row = f"| {size} | {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x |"
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            row = f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x |"
             if peak:
                 counter = FlopCounterMode(display=False)
                 with counter, torch.autocast(device.type, dtype=torch.bfloat16):

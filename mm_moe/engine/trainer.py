@@ -194,6 +194,10 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        if self.info.is_main:
+            from mm_moe.analysis import plot_curves  # matplotlib only when a run ends
+
+            plot_curves(self.run_dir)
         if self.ema is not None:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw

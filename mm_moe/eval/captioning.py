@@ -26,7 +26,7 @@ from mm_moe.model import BEiT3ForCaptioning, caption_mask
 class BeamConfig:
     beam_size: int = 3  # 1 = greedy
     max_len: int = 25  # generated tokens, [SEP] included
-    min_len: int = 1
+    min_len: int = 5  # caption tokens before [SEP] may end it
     length_penalty: float = 0.6  # final score = sum log p / length ** length_penalty
     no_repeat_ngram: int = 3  # 0 = off
 
@@ -97,7 +97,7 @@ class CaptionDecoder:
         for step in range(cfg.max_len):
             logp = self._step_cached(ids, cache) if cache is not None else self._step_full(ids, beam_images)
             logp[:, self.banned] = -float("inf")
-            if step + 1 < cfg.min_len:
+            if step < cfg.min_len:
                 logp[:, self.tok.sep_token_id] = -float("inf")
             self._ban_repeats(logp, ids)
             vocab = logp.shape[1]

@@ -82,6 +82,7 @@ class Router(nn.Module):
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.capacity_factor = capacity_factor
+        self.skip_top1 = False  # robustness analysis: route every token to its choices 2..k+1
 
     def score(self, x: Tensor) -> Tensor:
         """Router logits f32[T, E] for float32 input [T, d]."""
@@ -94,7 +95,11 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.score(x.float())  # [T, E] f32
             probs = logits.softmax(dim=-1)
-            weights, expert_idx = probs.topk(self.top_k, dim=-1)  # [T, k]
+            if self.skip_top1:  # the top-1 expert is disabled; the next k choices keep their softmax weights
+                weights, expert_idx = probs.topk(self.top_k + 1, dim=-1)
+                weights, expert_idx = weights[:, 1:], expert_idx[:, 1:]
+            else:
+                weights, expert_idx = probs.topk(self.top_k, dim=-1)  # [T, k]
             if self.renormalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             aux = logits.new_zeros(())

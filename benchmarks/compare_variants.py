@@ -1,0 +1,114 @@
+"""Dense vs SMoE vs X-MoE vs MH-MoE vs CartesianMoE tiny BEiT-3 models, matched in active FLOPs, trained the same
+way on the synthetic world (same steps, seeds and data): masked-LM loss, VQA accuracy, activation ratio, step time.
+
+    python benchmarks/compare_variants.py --world data/synthetic --out runs/compare   # writes compare.md
+
+Each variant: pretraining (MLM + MIM + VLM) for --pretrain-steps, then VQA fine-tuning for --vqa-steps.
+The FFN configs are benchmarks/bench_train.py's (MoE in every other layer, equal active FLOPs to the dense FFN).
+The masked-LM loss is the VLM loss of the pretrained model on held-out shards (the val/test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import webdataset as wds
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_train import variants
+
+import train_mm
+from mm_moe.analysis import analyze
+from mm_moe.config import from_dict, load_config
+from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.data.synthetic import write_world
+from mm_moe.data.tokenizer import load_tokenizer
+from mm_moe.engine.checkpoint import load_config_dict, load_weights
+from mm_moe.engine.tasks import RunConfig
+from mm_moe.model import BEiT3Config, BEiT3ForPretraining
+
+
+def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
+    """Masked pretraining batches of the val/test images (not seen in pretraining), fixed masks."""
+    out = world / "heldout_shards"
+    if not out.is_dir():
+        out.mkdir()
+        karpathy = json.loads((world / "coco" / "dataset_coco.json").read_text())["images"]
+        with wds.ShardWriter(str(out / "heldout-%06d.tar"), maxcount=10_000, verbose=0) as sink:
+            for im in karpathy:
+                if im["split"] == "train":
+                    continue
+                data = (world / "vqa" / "images" / im["filepath"] / im["filename"]).read_bytes()
+                sink.write({"__key__": f"{im['cocoid']:012d}", "png": data, "txt": im["sentences"][0]["raw"]})
+    data_cfg = PretrainDataConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, max_text_len=cfg.max_text_len,
+                                  train_augment=False, shuffle_buffer=1)
+    batches = []
+    for b in pretrain_loader(sorted(str(p) for p in out.glob("*.tar")), load_tokenizer(), data_cfg, 32, seed=123):
+        batches.append(b)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--vqa-steps", type=int, default=200)
+    p.add_argument("--variants", nargs="+", default=["dense", "smoe", "xmoe", "mhmoe", "cartesian"])
+    args = p.parse_args()
+    if not (args.world / "summary.json").is_file():
+        write_world(args.world)
+    base = load_config(BEiT3Config, "configs/model/tiny.yaml", ["moe=null", "moe_layers=none"])
+    heldout = heldout_batches(args.world, base)
+    rows = []
+    for name, moe in variants(base).items():
+        if name not in args.variants:
+            continue
+        run = args.out / name
+        model_override = [f"model.moe={yaml.safe_dump(dataclasses.asdict(moe), default_flow_style=True).strip()}",
+                          "model.moe_layers=every_other"] if moe else ["model.moe=null", "model.moe_layers=none"]
+        w = args.world
+        if not (run / "pretrain" / "curves.png").is_file():
+            train_mm.main(["pretrain", "--config", "configs/pretrain_demo.yaml", *model_override,
+                           f"pretrain_data.shards={w / 'shards'}", f"train.steps={args.pretrain_steps}",
+                           f"run_dir={run / 'pretrain'}"])
+        if not (run / "vqa" / "eval.json").is_file():
+            train_mm.main(["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml", "--init", str(run / "pretrain"),
+                           *model_override, f"train.steps={args.vqa_steps}", f"run_dir={run / 'vqa'}",
+                           f"data.vqa_train_questions={w / 'vqa/v2_OpenEnded_mscoco_train2014_questions.json'}",
+                           f"data.vqa_train_annotations={w / 'vqa/v2_mscoco_train2014_annotations.json'}",
+                           f"data.vqa_val_questions={w / 'vqa/v2_OpenEnded_mscoco_val2014_questions.json'}",
+                           f"data.vqa_val_annotations={w / 'vqa/v2_mscoco_val2014_annotations.json'}",
+                           f"data.vqa_images={w / 'vqa/images'}"])
+        cfg = from_dict(RunConfig, load_config_dict(run / "pretrain"))
+        model = BEiT3ForPretraining(cfg.model)
+        load_weights(model, run / "pretrain")
+        report = analyze(model, heldout, run / "analysis")
+        metrics = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        tok_s = statistics.median(r["tokens_per_s"] for r in metrics[1:]) if len(metrics) > 1 else float("nan")
+        vqa = json.loads((run / "vqa" / "eval.json").read_text())["vqa_val_accuracy"]
+        rows.append((name, sum(p.numel() for p in model.parameters()) / 1e6, report["mlm_loss"], vqa,
+                     report.get("activation_ratio"), tok_s,
+                     report.get("top1_disabled", {}).get("perplexity_ratio")))
+    lines = ["| variant | params | held-out masked-LM loss | VQA val acc | activation ratio | pretrain tokens/s | "
+             "perplexity x with top-1 disabled |", "|---|---|---|---|---|---|---|"]
+    for name, params, loss, vqa, ratio, tok_s, robust in rows:
+        lines.append(f"| {name} | {params:.1f}M | {loss:.3f} | {vqa:.1f} | "
+                     f"{'' if ratio is None else f'{100 * ratio:.0f}%'} | {tok_s:.0f} | "
+                     f"{'' if robust is None else f'{robust:.2f}'} |")
+    table = "\n".join(lines)
+    (args.out / "compare.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
