@@ -28,6 +28,7 @@ from mm_moe.engine.distributed import init_distributed, shard_experts, wrap_mode
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.engine.tasks import RunConfig, build_finetune, build_pretrain, eval_nlvr2, eval_vqa_predictions
 from mm_moe.engine.trainer import Trainer
+from mm_moe.eval.nlvr2 import nlvr2_metrics, write_predictions
 from mm_moe.eval.vqa_metric import evaluate
 from mm_moe.model import BEiT3
 
@@ -115,9 +116,10 @@ def evaluate_task(task: str, model: torch.nn.Module, cfg: RunConfig, tokenizer, 
         return {"vqa_val_accuracy": report["overall"], **report}
     if task == "nlvr2" and d.nlvr2_dev:
         ds = NLVR2Dataset(d.nlvr2_dev, d.nlvr2_images, tokenizer, eval_transform(m.img_size), m.max_text_len)
-        preds = eval_nlvr2(model, ds, cfg.train.batch_size, device)
-        truth = {r["identifier"]: r["label"] == "True" for r in ds.rows}
-        return {"nlvr2_dev_accuracy": round(100 * sum(truth[i] == p for i, p in preds) / len(preds), 2)}
+        preds = dict(eval_nlvr2(model, ds, cfg.train.batch_size, device))
+        write_predictions(Path(cfg.run_dir, "nlvr2_dev_predictions.csv"), preds)
+        metrics = nlvr2_metrics(ds.rows, preds)
+        return {"nlvr2_dev_accuracy": metrics["accuracy"], "nlvr2_dev_consistency": metrics["consistency"]}
     return None
 
 

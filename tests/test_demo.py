@@ -28,3 +28,17 @@ def test_quick_demo_beats_the_baselines(tmp_path):
     assert "| VQA accuracy (val, official metric) |" in res.stdout
     for stage in ("pretrain", "vqa", "nlvr2", "caption"):
         assert (tmp_path / stage / "done").is_file()
+        assert (tmp_path / stage / "curves.png").is_file()
+    assert (tmp_path / "nlvr2" / "nlvr2_dev_predictions.csv").read_text().count("\n") == 150
+
+    # eval_vqa.py on the fine-tuned checkpoint reproduces the accuracy measured after training, and scores files
+    vqa = tmp_path / "world" / "vqa"
+    args = ["--questions", str(vqa / "v2_OpenEnded_mscoco_val2014_questions.json"),
+            "--annotations", str(vqa / "v2_mscoco_val2014_annotations.json")]
+    out = subprocess.run([sys.executable, "eval_vqa.py", "--ckpt", str(tmp_path / "vqa"), "--images", str(vqa / "images"),
+                          "--out", str(tmp_path / "r.json"), *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout[out.stdout.index("{"):])["overall"] == results["vqa"]["vqa_val_accuracy"]
+    scored = subprocess.run([sys.executable, "eval_vqa.py", "--results", str(tmp_path / "r.json"), *args], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert json.loads(scored.stdout)["overall"] == results["vqa"]["vqa_val_accuracy"]
