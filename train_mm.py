@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer()
-    built = build_pretrain(cfg, tokenizer, info.rank) if task == "pretrain" else \
+    built = build_pretrain(cfg, tokenizer) if task == "pretrain" else \
         build_finetune(task, cfg, tokenizer, info.rank, info.world_size)
     model = built.model
     if task != "pretrain" and args.init:

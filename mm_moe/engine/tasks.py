@@ -137,7 +137,8 @@ def pretrain_step(weights: Objectives) -> Callable[[nn.Module, dict], TaskOutput
     return step
 
 
-def build_pretrain(cfg: RunConfig, tokenizer: Any, rank: int = 0) -> Task:
+def build_pretrain(cfg: RunConfig, tokenizer: Any) -> Task:
+    """Pretraining model and loader; ranks split the shards themselves (webdataset split_by_node)."""
     d = cfg.pretrain_data
     data_cfg = PretrainDataConfig(img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
                                   max_text_len=cfg.model.max_text_len, mlm_prob=d.mlm_prob, mask_ratio=d.mask_ratio,
