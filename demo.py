@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 
 import train_mm
-from mm_moe.config import from_dict
+from mm_moe.analysis import eval_batches, load_pretraining_model
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
-from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
 from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import load_tokenizer
 from mm_moe.data.transforms import eval_transform
-from mm_moe.engine.checkpoint import latest_checkpoint, load_config_dict, load_weights
-from mm_moe.engine.tasks import RunConfig
+from mm_moe.engine.checkpoint import latest_checkpoint, load_weights
+from mm_moe.engine.tasks import load_run_config
 from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions, write_results
-from mm_moe.model import BEiT3ForCaptioning, BEiT3ForPretraining
+from mm_moe.model import BEiT3ForCaptioning
 from mm_moe.moe.stats import activation_ratio
 
 
@@ -43,26 +42,18 @@ def stage(name: str, run_dir: Path, argv: list[str]) -> None:
 
 
 def pretrained_activation_ratio(run_dir: Path, shards: Path, batches: int = 4) -> float:
-    """The MH-MoE paper's expert activation ratio of the pretrained model, over all its MoE layers."""
-    cfg = from_dict(RunConfig, load_config_dict(run_dir))
-    model = BEiT3ForPretraining(cfg.model)
-    load_weights(model, run_dir)
-    model.eval()
-    tok = load_tokenizer()
-    data_cfg = PretrainDataConfig(img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, train_augment=False,
-                                  max_text_len=cfg.model.max_text_len, shuffle_buffer=10)
+    """The MH-MoE paper's expert activation ratio of the pretrained model (unmasked text), over its MoE layers."""
+    model, cfg = load_pretraining_model(run_dir)
     merged: dict = {}
     with torch.no_grad():
-        for i, b in enumerate(pretrain_loader(sorted(str(p) for p in shards.glob("*.tar")), tok, data_cfg, 32)):
-            if i == batches:
-                break
+        for b in eval_batches(shards, cfg.model, batches):
             stats = model.beit3(b["images"], b["text_ids"], b["text_padding"]).stats
             merged = {k: merged[k].merge(s) if k in merged else s for k, s in stats.items()}
     return activation_ratio(list(merged.values()))
 
 
 def caption_scores(run_dir: Path, world: Path, out: Path, beam: int) -> dict:
-    cfg = from_dict(RunConfig, load_config_dict(run_dir))
+    cfg = load_run_config(run_dir)
     model = BEiT3ForCaptioning(cfg.model)
     load_weights(model, run_dir)
     tok = load_tokenizer()

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from mm_moe.config import from_dict
 from mm_moe.data.tokenizer import load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
-from mm_moe.engine.checkpoint import load_config_dict, load_weights, resolve_checkpoint
-from mm_moe.engine.tasks import RunConfig, eval_vqa_predictions
+from mm_moe.engine.checkpoint import load_weights, resolve_checkpoint
+from mm_moe.engine.tasks import RunConfig, eval_vqa_predictions, load_run_config
 from mm_moe.eval.vqa_metric import evaluate
 from mm_moe.model import BEiT3ForVQA
 
@@ -29,7 +28,7 @@ from mm_moe.model import BEiT3ForVQA
 def load_vqa_model(ckpt: str | Path) -> tuple[BEiT3ForVQA, AnswerVocab, RunConfig]:
     """A fine-tuned VQA model with its answer vocabulary (answers.json of the run or checkpoint)."""
     path = resolve_checkpoint(ckpt)
-    cfg = from_dict(RunConfig, load_config_dict(path), where=str(path / "config.yaml"))
+    cfg = load_run_config(path)
     vocab_file = next((p / "answers.json" for p in (path, path.parent) if (p / "answers.json").is_file()), None)
     if vocab_file is None:
         raise FileNotFoundError(f"{path}: no answers.json in the checkpoint or its run directory")

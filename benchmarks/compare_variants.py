@@ -25,14 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import variants
 
 import train_mm
-from mm_moe.analysis import analyze
-from mm_moe.config import from_dict, load_config
-from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.analysis import analyze, eval_batches, load_pretraining_model
+from mm_moe.config import load_config
 from mm_moe.data.synthetic import write_world
-from mm_moe.data.tokenizer import load_tokenizer
-from mm_moe.engine.checkpoint import load_config_dict, load_weights
-from mm_moe.engine.tasks import RunConfig
-from mm_moe.model import BEiT3Config, BEiT3ForPretraining
+from mm_moe.model import BEiT3Config
 
 
 def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
@@ -47,14 +43,7 @@ def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
                     continue
                 data = (world / "vqa" / "images" / im["filepath"] / im["filename"]).read_bytes()
                 sink.write({"__key__": f"{im['cocoid']:012d}", "png": data, "txt": im["sentences"][0]["raw"]})
-    data_cfg = PretrainDataConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, max_text_len=cfg.max_text_len,
-                                  train_augment=False, shuffle_buffer=1)
-    batches = []
-    for b in pretrain_loader(sorted(str(p) for p in out.glob("*.tar")), load_tokenizer(), data_cfg, 32, seed=123):
-        batches.append(b)
-        if len(batches) == n:
-            break
-    return batches
+    return eval_batches(out, cfg, n, seed=123, shuffle_buffer=1)
 
 
 def main() -> None:
@@ -89,9 +78,7 @@ def main() -> None:
                            f"data.vqa_val_questions={w / 'vqa/v2_OpenEnded_mscoco_val2014_questions.json'}",
                            f"data.vqa_val_annotations={w / 'vqa/v2_mscoco_val2014_annotations.json'}",
                            f"data.vqa_images={w / 'vqa/images'}"])
-        cfg = from_dict(RunConfig, load_config_dict(run / "pretrain"))
-        model = BEiT3ForPretraining(cfg.model)
-        load_weights(model, run / "pretrain")
+        model, _ = load_pretraining_model(run / "pretrain")
         report = analyze(model, heldout, run / "analysis")
         metrics = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
         tok_s = statistics.median(r["tokens_per_s"] for r in metrics[1:]) if len(metrics) > 1 else float("nan")

@@ -27,6 +27,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.data.tokenizer import load_tokenizer
+from mm_moe.engine.checkpoint import load_weights, resolve_checkpoint
+from mm_moe.engine.tasks import RunConfig, load_run_config, shard_urls
+from mm_moe.model import BEiT3Config, BEiT3ForPretraining
 from mm_moe.moe import RoutingStats
 from mm_moe.moe.routing import Router
 from mm_moe.moe.stats import activation_ratio
@@ -146,23 +151,10 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mm_moe.config import from_dict
-    from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
-    from mm_moe.data.tokenizer import load_tokenizer
-    from mm_moe.engine.checkpoint import load_config_dict, load_weights, resolve_checkpoint
-    from mm_moe.engine.tasks import RunConfig, shard_urls
-    from mm_moe.model import BEiT3ForPretraining
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint or run directory (any task: its encoder is analysed)")
-    p.add_argument("--shards", required=True, help="webdataset shards (directory or brace pattern)")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", type=Path, help="default: <checkpoint>/analysis")
-    args = p.parse_args(argv)
-    ckpt = resolve_checkpoint(args.ckpt)
-    cfg = from_dict(RunConfig, load_config_dict(ckpt))
+def load_pretraining_model(ckpt: str | Path) -> tuple[BEiT3ForPretraining, RunConfig]:
+    """The encoder of any task checkpoint inside a BEiT3ForPretraining (MLM / MIM heads random if it had none)."""
+    ckpt = resolve_checkpoint(ckpt)
+    cfg = load_run_config(ckpt)
     model = BEiT3ForPretraining(cfg.model)
     missing, _ = load_weights(model, ckpt, strict=False)
     if any(k.startswith("beit3.") for k in missing):
@@ -170,14 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"note: {ckpt} is not a pretraining checkpoint (no MLM head): routing statistics are meaningful, "
               "the masked-LM losses of the robustness experiment are not", file=sys.stderr)
-    data_cfg = PretrainDataConfig(img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, train_augment=False,
-                                  max_text_len=cfg.model.max_text_len, shuffle_buffer=10)
+    return model.eval(), cfg
+
+
+def eval_batches(shards: str | Path, model_cfg: BEiT3Config, n: int, batch_size: int = 32, seed: int = 0,
+                 shuffle_buffer: int = 10) -> list[dict]:
+    """The first `n` un-augmented pretraining batches (masks included) of webdataset shards."""
+    data_cfg = PretrainDataConfig(img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, train_augment=False,
+                                  max_text_len=model_cfg.max_text_len, shuffle_buffer=shuffle_buffer)
     batches = []
-    for b in pretrain_loader(shard_urls(args.shards), load_tokenizer(), data_cfg, args.batch_size, seed=cfg.train.seed):
+    for b in pretrain_loader(shard_urls(str(shards)), load_tokenizer(), data_cfg, batch_size, seed=seed):
         batches.append(b)
-        if len(batches) == args.batches:
+        if len(batches) == n:
             break
-    report = analyze(model, batches, args.out or ckpt / "analysis")
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory (any task: its encoder is analysed)")
+    p.add_argument("--shards", required=True, help="webdataset shards (directory or brace pattern)")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, help="default: <checkpoint>/analysis")
+    args = p.parse_args(argv)
+    model, cfg = load_pretraining_model(args.ckpt)
+    batches = eval_batches(args.shards, cfg.model, args.batches, args.batch_size, seed=cfg.train.seed)
+    report = analyze(model, batches, args.out or resolve_checkpoint(args.ckpt) / "analysis")
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
     return 0
 

@@ -18,11 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
+from mm_moe.config import from_dict
 from mm_moe.data.coco import CaptionDataset
 from mm_moe.data.nlvr2 import NLVR2Dataset
 from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
 from mm_moe.data.transforms import train_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
+from mm_moe.engine.checkpoint import load_config_dict, resolve_checkpoint
 from mm_moe.engine.optim import OptimConfig
 from mm_moe.engine.trainer import TrainConfig
 from mm_moe.model import BEiT3Config, BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
@@ -82,6 +84,12 @@ class Task:
     loader: Callable[[int], Any]
     step: Callable[[nn.Module, dict], TaskOutput]
     extra: dict = field(default_factory=dict)  # e.g. the answer vocabulary
+
+
+def load_run_config(ckpt: str | Path) -> RunConfig:
+    """The resolved RunConfig saved with a checkpoint (or a run's latest checkpoint)."""
+    path = resolve_checkpoint(ckpt)
+    return from_dict(RunConfig, load_config_dict(path), where=str(path / "config.yaml"))
 
 
 def shard_urls(spec: str) -> str | list[str]:
