@@ -5,6 +5,8 @@ one run; the table shows median times and the median of the paired ratios. Routi
 (random router) or skewed (a fixed Zipf-like
 logit bias, so a few experts get most tokens). Peer: HF transformers' Mixtral sparse block, in each of
 its experts implementations (grouped_mm by default, see --peers), against the same dense SwiGLU twin.
+Like training (`init_distributed`), the run keeps freed memory for reuse (`keep_freed_memory`);
+--glibc-default measures with glibc's defaults, where every step page-faults the MoE layers' big tensors in.
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mm_moe.config import FFNConfig
+from mm_moe.engine.distributed import keep_freed_memory
 from mm_moe.moe import build_ffn, ffn_cost
 from mm_moe.moe.routing import Router
 
@@ -181,11 +184,13 @@ def main() -> None:
                    help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; "
                         "batched_mm copies a weight per token: ~19 GB at 1024 tokens)")
     p.add_argument("--quick", action="store_true", help="1024 tokens, top-2 and 4, 3 rounds")
+    p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
+    allocator = "glibc default" if args.glibc_default or not keep_freed_memory() else "freed memory kept"
     print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs: d={args.d}, tokens={args.tokens}, "
-          f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}")
     run(args)
 
 

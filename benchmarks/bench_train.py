@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import FFNConfig, load_config
+from mm_moe.engine.distributed import init_distributed
 from mm_moe.engine.tasks import Objectives, pretrain_step
 from mm_moe.model import BEiT3Config, BEiT3ForPretraining
 from mm_moe.moe import mhmoe_matched
@@ -75,7 +76,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="per size (default: tiny 32, base 4)")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
     step_fn = pretrain_step(Objectives())
     peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)

@@ -7,7 +7,9 @@ processed by the local GroupedExperts, and sent back. Nothing else is home-made.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +32,34 @@ class DistInfo:
         return self.rank == 0
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Make glibc keep freed blocks under `threshold` bytes for reuse instead of unmapping them.
+
+    By default glibc gives every freed block over 32 MB back to the OS, so each CPU training step
+    page-faults its big tensors in again (MoE expert gradients are E times a dense FFN's): at d=768
+    that is 0.3-0.55 s of kernel time per MoE layer step. This is what CUDA's caching allocator does on GPU.
+    Returns False where it does not apply (not Linux/glibc).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU); a plain process gets a world of one."""
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU); a plain process gets a world of one.
+
+    A CPU process also keeps freed memory for reuse (`keep_freed_memory`).
+    """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if not use_cuda:
+        keep_freed_memory()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
