@@ -3,8 +3,10 @@
 Every layer is timed right next to its dense twin (alternating which runs first), round after round in
 one run; the table shows median times and the median of the paired ratios. Routing is either balanced
 (random router) or skewed (a fixed Zipf-like
-logit bias, so a few experts get most tokens). Peer: HF transformers' Mixtral sparse block, in each of
-its experts implementations (grouped_mm by default, see --peers), against the same dense SwiGLU twin.
+logit bias, so a few experts get most tokens). Peers: HF transformers' Mixtral sparse block, in each of
+its experts implementations (grouped_mm by default, see --peers), against the same dense SwiGLU twin; and
+at top-2, torchscale's X-MoE layer (the BEiT-3 authors' MOELayer + Top2Gate, GShard capacity einsum
+dispatch, capacity 2T/E as in their training) against the dense GELU twin.
 Like training (`init_distributed`), the run keeps freed memory for reuse (`keep_freed_memory`);
 --glibc-default measures with glibc's defaults, where every step page-faults the MoE layers' big tensors in.
 
@@ -21,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +77,31 @@ def hf_mixtral_block(d: int, hidden: int, experts: int, k: int, impl: str, bias:
     return block
 
 
+class TorchscaleXMoE(nn.Module):
+    """torchscale's X-MoE layer (MOELayer, Top2Gate with use_xmoe, E FeedForwardNetwork experts), returning a tensor."""
+
+    def __init__(self, d: int, hidden: int, experts: int, bias: Tensor | None) -> None:
+        super().__init__()
+        import torch.distributed as dist
+        from torchscale.component.feedforward_network import FeedForwardNetwork
+        from torchscale.component.xmoe.moe_layer import MOELayer
+        from torchscale.component.xmoe.routing import Top2Gate
+
+        if not dist.is_initialized():  # MOELayer asks for its expert and all-to-all groups
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        gate = Top2Gate(d, experts, use_fp32=True, second_expert_policy="all", use_xmoe=True)
+        if bias is not None:
+            make_finite = gate._make_finite  # the X-MoE logits pass through here: add the skew
+            gate._make_finite = lambda scores: make_finite(scores) + bias  # type: ignore[method-assign]
+        ffns = nn.ModuleList(FeedForwardNetwork(d, hidden, "gelu", 0.0, 0.0, 1e-5, False) for _ in range(experts))
+        self.layer = MOELayer(gate, ffns, SimpleNamespace(moe_expert_count=experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, self.aux_loss = self.layer(x)
+        return y
+
+
 def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tensor | None, peers: list[str]) -> tuple[dict, list]:
     """Dense twins keyed by (hidden, activation), and the MoE layers measured against them."""
     layers = {
@@ -100,16 +128,24 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
                 if isinstance(m, Router):
                     skew_router(m, bias)
         cands.append(Candidate(name, layer, twin, "ours", lambda layer=layer: layer.last_stats.load.max().item()))
-    if peers:
+    hf_impls = [p for p in peers if p != "torchscale"]
+    if hf_impls:
         twin = f"dense swiglu {dense_hidden}"
         twins.setdefault(twin, build_ffn(FFNConfig(kind="dense", hidden=dense_hidden, activation="swiglu", bias=False), d))
-        for impl in peers:
+        for impl in hf_impls:
             try:
                 block = hf_mixtral_block(d, dense_hidden // k, experts, k, impl, bias)
             except (ImportError, KeyError, ValueError) as err:
                 print(f"peer HF Mixtral {impl} unavailable: {err}")
                 continue
             cands.append(Candidate(f"HF Mixtral {impl}", block, twin, "peer"))
+    if "torchscale" in peers and k == 2:
+        try:
+            block = TorchscaleXMoE(d, dense_hidden // k, experts, bias)
+        except ImportError as err:
+            print(f"peer torchscale X-MoE unavailable: {err}")
+        else:
+            cands.append(Candidate("torchscale X-MoE", block, f"dense gelu {dense_hidden}", "peer"))
     return twins, cands
 
 
@@ -179,10 +215,11 @@ def main() -> None:
     p.add_argument("--dense-hidden", type=int, default=3072, help="inner size of the dense FFN whose FLOPs the layers match")
     p.add_argument("--routing", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
     p.add_argument("--skew", type=float, default=1.5, help="strength of the Zipf logit bias for skewed routing")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--peers", nargs="*", default=["grouped_mm"], choices=["eager", "grouped_mm", "batched_mm"],
-                   help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; "
-                        "batched_mm copies a weight per token: ~19 GB at 1024 tokens)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--peers", nargs="*", default=["grouped_mm", "torchscale"],
+                   choices=["eager", "grouped_mm", "batched_mm", "torchscale"],
+                   help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; batched_mm copies "
+                        "a weight per token: ~19 GB at 1024 tokens), and torchscale's X-MoE layer (top-2 only)")
     p.add_argument("--quick", action="store_true", help="1024 tokens, top-2 and 4, 3 rounds")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     args = p.parse_args()

@@ -125,7 +125,7 @@ class ExpertParallelExperts(nn.Module):
         ys = torch.empty_like(got).index_copy(0, perm, self.local.grouped_ffn(got[perm], recv.sum(0)))
         back = ys.new_empty(sum(send_sizes), ys.shape[1])
         back = dist_fn.all_to_all_single(back, ys, send_sizes, recv_sizes, group=self.group)
-        return combine(back, d, weights, x.shape[0])
+        return combine(back, d, x.shape[0], weights)
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:

@@ -102,8 +102,12 @@ class GroupedExperts(nn.Module):
         # index_select, not bias[rows]: its backward is one index_add, not a serial accumulating index_put
         return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
 
-    def grouped_ffn(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """Rows xs[N, d_in] already grouped by expert (counts[e] rows for expert e, in order) -> [N, d_in]."""
+    def grouped_ffn(self, xs: Tensor, counts: Tensor, row_weights: Tensor | None = None) -> Tensor:
+        """Rows xs[N, d_in] already grouped by expert (counts[e] rows for expert e, in order) -> [N, d_in].
+
+        With row_weights[N], row i of the output is scaled by row_weights[i]; the scale goes on the hidden
+        units before w2 when they are fewer than d_in (same result: w2 is linear), so it costs less.
+        """
         dtype = xs.dtype
         offs = torch.cumsum(counts, 0).to(torch.int32) if self._use_grouped_mm(xs) else None
         sizes = counts.tolist() if offs is None else None
@@ -123,13 +127,17 @@ class GroupedExperts(nn.Module):
         if self.norm_w is not None:
             h = self._add_bias(F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype).index_select(0, expert_of_row),
                                self.norm_b, expert_of_row)
-        return self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
+        scale_hidden = row_weights is not None and self.b2 is None and self.d_hidden < self.d_in
+        if scale_hidden:
+            h = h * row_weights.to(dtype)[:, None]
+        y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
+        return y if row_weights is None or scale_hidden else y * row_weights.to(dtype)[:, None]
 
     def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
         d = dispatch(expert_idx, self.num_experts)
         xs = x.index_select(0, d.token).to(compute_dtype(x))  # [N, d_in]; backward is one index_add
-        return combine(self.grouped_ffn(xs, d.counts), d, weights, x.shape[0])
+        return combine(self.grouped_ffn(xs, d.counts, d.row_weights(weights)), d, x.shape[0])
 
 
 class Dispatch(NamedTuple):
@@ -138,6 +146,10 @@ class Dispatch(NamedTuple):
     order: Tensor  # Long[N]
     token: Tensor  # Long[N]: the token each row serves
     counts: Tensor  # Long[E]: rows per expert
+
+    def row_weights(self, weights: Tensor) -> Tensor:
+        """The combine weight of each row, from weights[T, k]."""
+        return weights.reshape(-1).index_select(0, self.order)  # backward is one index_add
 
 
 def dispatch(expert_idx: Tensor, num_experts: int) -> Dispatch:
@@ -151,7 +163,9 @@ def dispatch(expert_idx: Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order, order // k, counts)
 
 
-def combine(ys: Tensor, d: Dispatch, weights: Tensor, num_tokens: int) -> Tensor:
-    """Weighted sum of the expert outputs ys[N, d] back into [T, d] token order."""
-    ys = ys * weights.reshape(-1)[d.order].to(ys.dtype)[:, None]
+def combine(ys: Tensor, d: Dispatch, num_tokens: int, weights: Tensor | None = None) -> Tensor:
+    """Sum the expert output rows ys[N, d] back into [T, d] token order, each scaled by its weight from
+    weights[T, k] when given (else the rows are taken as already weighted)."""
+    if weights is not None:
+        ys = ys * d.row_weights(weights).to(ys.dtype)[:, None]
     return ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, d.token, ys)
