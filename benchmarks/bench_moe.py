@@ -98,7 +98,12 @@ class TorchscaleXMoE(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
-        y, self.aux_loss = self.layer(x)
+        histc = torch.histc  # top2gating logs a histogram of Long expert ids, which only CUDA's histc takes
+        torch.histc = lambda t, *args, **kwargs: histc(t.float(), *args, **kwargs)
+        try:
+            y, self.aux_loss = self.layer(x)
+        finally:
+            torch.histc = histc
         return y
 
 
