@@ -8,6 +8,7 @@ from moe_reference import REFERENCES, dense_ffn
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import build_ffn
+from mm_moe.moe.experts import GroupedExperts
 from mm_moe.moe.layers import DenseFFN
 
 D = 32
@@ -131,3 +132,22 @@ def test_padding_mask_shape_is_checked():
 def test_build_ffn_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be one of"):
         build_ffn(FFNConfig(kind="moe"), D)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("d_hidden,bias", [(8, False), (48, False), (8, True)])
+def test_row_weights_scale_outputs_whichever_side_they_go(d_hidden, bias):
+    """grouped_ffn(..., row_weights) puts the scale before w2 when the hidden layer is narrower (and no b2):
+    output and every gradient must equal scaling the unweighted output."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 16, d_hidden, "swiglu", bias=bias)
+    xs, counts, w = torch.randn(10, 16), torch.tensor([4, 0, 6]), torch.rand(10)
+    grad = torch.randn(10, 16)
+    results = []
+    for weighted in (True, False):
+        experts.zero_grad()
+        x, wr = xs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = experts.grouped_ffn(x, counts, wr) if weighted else experts.grouped_ffn(x, counts) * wr[:, None]
+        (y * grad).sum().backward()
+        results.append([y, x.grad, wr.grad, *(p.grad.clone() for p in experts.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
