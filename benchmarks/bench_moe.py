@@ -12,6 +12,7 @@ Like training (`init_distributed`), the run keeps freed memory for reuse (`keep_
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
+    python benchmarks/bench_moe.py --matmul        # only: grouped_mm rate over each layer's expert blocks vs dense mm
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -201,6 +203,31 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def matmul_rates(args: argparse.Namespace) -> None:
+    """GFLOP/s of torch._grouped_mm over each layer's expert blocks (balanced) next to one dense mm of the dense FFN."""
+    d, t, e = args.d, args.tokens, args.experts
+    dense_a, dense_w = torch.randn(t, d), torch.randn(d, args.dense_hidden)
+    print("| expert blocks | top-k | rows per expert x in x out | grouped GFLOP/s | dense mm GFLOP/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for k in args.topk:
+        shapes = {"smoe": (t * k // e, d, args.dense_hidden // k),
+                  "mhmoe h=4": (4 * t * k // e, d // 4, (args.dense_hidden - d) // k),
+                  "cartesian": (t * k // e, d, 16 * round(args.dense_hidden / (2 * (k + 1)) / 16))}
+        for name, (m, i, o) in shapes.items():
+            a, w = torch.randn(e * m, i), torch.randn(e, i, o)
+            offs = torch.arange(1, e + 1, dtype=torch.int32) * m
+            pair = (partial(torch._grouped_mm, a, w, offs=offs), partial(torch.mm, dense_a, dense_w))
+            secs: tuple[list[float], list[float]] = ([], [])
+            for r in range(args.rounds + 1):  # round 0 warms up
+                for j in (0, 1) if r % 2 else (1, 0):
+                    t0 = time.perf_counter()
+                    pair[j]()
+                    secs[j].append(time.perf_counter() - t0)
+            grouped = 2 * e * m * i * o / statistics.median(secs[0][1:]) / 1e9
+            dense = 2 * t * d * args.dense_hidden / statistics.median(secs[1][1:]) / 1e9
+            print(f"| {name} | {k} | {m} x {i} x {o} | {grouped:.0f} | {dense:.0f} | {grouped / dense:.2f} |", flush=True)
+
+
 def print_rows(rows: list[dict], header: bool) -> None:
     if header:
         print("| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio | ratio min-max |")
@@ -226,14 +253,20 @@ def main() -> None:
                    help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; batched_mm copies "
                         "a weight per token: ~19 GB at 1024 tokens), and torchscale's X-MoE layer (top-2 only)")
     p.add_argument("--quick", action="store_true", help="1024 tokens, top-2 and 4, 3 rounds")
+    p.add_argument("--matmul", action="store_true", help="only the matmul rate of each layer's expert blocks vs one dense mm")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
     allocator = "glibc default" if args.glibc_default or not keep_freed_memory() else "freed memory kept"
-    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs: d={args.d}, tokens={args.tokens}, "
+    what = "grouped_mm over expert blocks vs one dense mm" if args.matmul else \
+        "MoE layer fwd+bwd vs dense FFN of equal active FLOPs"
+    print(f"# {what}: d={args.d}, tokens={args.tokens}, "
           f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}")
-    run(args)
+    if args.matmul:
+        matmul_rates(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
