@@ -1,7 +1,7 @@
 """End-to-end demo on the synthetic world: generate data, pretrain a tiny MH-MoE BEiT-3, fine-tune VQA, NLVR2 and
 captioning, evaluate, and print a results table (with baselines and the expert activation ratio).
 
-    python demo.py                 # about 10 minutes on 2 CPU cores (`make demo`)
+    python demo.py                 # about 15 minutes on 2 CPU cores (`make demo`)
     python demo.py --quick         # a smaller version, used by the test suite
 Everything goes under --out (default runs/demo); finished stages are reused when the demo is run again.
 """
@@ -19,14 +19,14 @@ import torch
 import train_mm
 from mm_moe.analysis import eval_batches, load_pretraining_model
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
-from mm_moe.data.synthetic import write_world
+from mm_moe.data.synthetic import world_files, write_world
 from mm_moe.data.tokenizer import load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.engine.checkpoint import latest_checkpoint, load_weights
 from mm_moe.engine.tasks import load_run_config
 from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions, write_results
 from mm_moe.model import BEiT3ForCaptioning
-from mm_moe.moe.stats import activation_ratio
+from mm_moe.moe.stats import activation_ratio, merge_stats
 
 
 def stage(name: str, run_dir: Path, argv: list[str]) -> None:
@@ -48,7 +48,7 @@ def pretrained_activation_ratio(run_dir: Path, shards: Path, batches: int = 4) -
     with torch.no_grad():
         for b in eval_batches(shards, cfg.model, batches):
             stats = model.beit3(b["images"], b["text_ids"], b["text_padding"]).stats
-            merged = {k: merged[k].merge(s) if k in merged else s for k, s in stats.items()}
+            merged = merge_stats(merged, stats)
     return activation_ratio(list(merged.values()))
 
 
@@ -64,9 +64,9 @@ def caption_scores(run_dir: Path, world: Path, out: Path, beam: int) -> dict:
     for b in torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=ds.collate):
         ids += b["image_ids"]
         caps += decoder.captions(b["images"])
-    write_results(out / "caption_results.json", ids, caps)
+    results = write_results(out / "caption_results.json", ids, caps)
     gt = write_coco_gt(world / "coco" / "dataset_coco.json", "test", out / "caption_gt.json")
-    scores = score_captions(gt, [{"image_id": i, "caption": c} for i, c in zip(ids, caps, strict=True)])
+    scores = score_captions(gt, results)
     scores["example"] = caps[0]
     return scores
 
@@ -87,17 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[demo] generating the synthetic world ...", flush=True)
         write_world(world, **sizes)
     summary = json.loads((world / "summary.json").read_text())
-    data = {
-        "pretrain_data.shards": world / "shards",
-        "data.vqa_train_questions": world / "vqa/v2_OpenEnded_mscoco_train2014_questions.json",
-        "data.vqa_train_annotations": world / "vqa/v2_mscoco_train2014_annotations.json",
-        "data.vqa_val_questions": world / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
-        "data.vqa_val_annotations": world / "vqa/v2_mscoco_val2014_annotations.json",
-        "data.vqa_images": world / "vqa/images",
-        "data.nlvr2_train": world / "nlvr2/train.json", "data.nlvr2_dev": world / "nlvr2/dev.json",
-        "data.nlvr2_images": world / "nlvr2/images",
-        "data.karpathy": world / "coco/dataset_coco.json", "data.coco_images": world / "vqa/images",
-    }
+    data = world_files(world)
 
     def opts(prefix: str, steps_: int) -> list[str]:
         return [f"{k}={v}" for k, v in data.items() if k.startswith(prefix)] + [f"train.steps={steps_}"]

@@ -28,9 +28,9 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(BEiT3Config, f"configs/model/{args.size}.yaml")
     model = BEiT3ForCaptioning(cfg)
-    with torch.no_grad():
-        model.head.bias[load_tokenizer().sep_token_id] = -1e4  # never stop early: every caption has max_len tokens
     tok = load_tokenizer()
+    with torch.no_grad():
+        model.head.bias[tok.sep_token_id] = -1e4  # never stop early: every caption has max_len tokens
     images = torch.randn(args.images, 3, cfg.img_size, cfg.img_size)
     beam = BeamConfig(beam_size=args.beam, max_len=args.max_len, no_repeat_ngram=0)
     times = {True: [], False: []}

@@ -27,7 +27,7 @@ from bench_train import variants
 import train_mm
 from mm_moe.analysis import analyze, eval_batches, load_pretraining_model
 from mm_moe.config import load_config
-from mm_moe.data.synthetic import write_world
+from mm_moe.data.synthetic import world_files, write_world
 from mm_moe.model import BEiT3Config
 
 
@@ -58,6 +58,7 @@ def main() -> None:
         write_world(args.world)
     base = load_config(BEiT3Config, "configs/model/tiny.yaml", ["moe=null", "moe_layers=none"])
     heldout = heldout_batches(args.world, base)
+    files = world_files(args.world)
     rows = []
     for name, moe in variants(base).items():
         if name not in args.variants:
@@ -65,19 +66,14 @@ def main() -> None:
         run = args.out / name
         model_override = [f"model.moe={yaml.safe_dump(dataclasses.asdict(moe), default_flow_style=True).strip()}",
                           "model.moe_layers=every_other"] if moe else ["model.moe=null", "model.moe_layers=none"]
-        w = args.world
         if not (run / "pretrain" / "curves.png").is_file():
             train_mm.main(["pretrain", "--config", "configs/pretrain_demo.yaml", *model_override,
-                           f"pretrain_data.shards={w / 'shards'}", f"train.steps={args.pretrain_steps}",
+                           f"pretrain_data.shards={files['pretrain_data.shards']}", f"train.steps={args.pretrain_steps}",
                            f"run_dir={run / 'pretrain'}"])
         if not (run / "vqa" / "eval.json").is_file():
             train_mm.main(["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml", "--init", str(run / "pretrain"),
                            *model_override, f"train.steps={args.vqa_steps}", f"run_dir={run / 'vqa'}",
-                           f"data.vqa_train_questions={w / 'vqa/v2_OpenEnded_mscoco_train2014_questions.json'}",
-                           f"data.vqa_train_annotations={w / 'vqa/v2_mscoco_train2014_annotations.json'}",
-                           f"data.vqa_val_questions={w / 'vqa/v2_OpenEnded_mscoco_val2014_questions.json'}",
-                           f"data.vqa_val_annotations={w / 'vqa/v2_mscoco_val2014_annotations.json'}",
-                           f"data.vqa_images={w / 'vqa/images'}"])
+                           *(f"{k}={v}" for k, v in files.items() if k.startswith("data.vqa_"))])
         model, _ = load_pretraining_model(run / "pretrain")
         report = analyze(model, heldout, run / "analysis")
         metrics = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]

@@ -34,7 +34,7 @@ from mm_moe.engine.tasks import RunConfig, load_run_config, shard_urls
 from mm_moe.model import BEiT3Config, BEiT3ForPretraining
 from mm_moe.moe import RoutingStats
 from mm_moe.moe.routing import Router
-from mm_moe.moe.stats import activation_ratio
+from mm_moe.moe.stats import activation_ratio, merge_stats
 
 
 def plot_curves(run_dir: str | Path) -> Path | None:
@@ -129,7 +129,7 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
                       mlm_labels=b["mlm_labels"])
             m = int((b["mlm_labels"] != -100).sum())
             total, n = total + o.losses["mlm"].item() * m, n + m
-            merged = {k: merged[k].merge(s) if k in merged else s for k, s in o.stats.items()}
+            merged = merge_stats(merged, o.stats)
         return total / n, merged
 
     loss, stats = run()

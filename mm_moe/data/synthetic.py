@@ -124,6 +124,22 @@ def _vqa_files(out: Path, split: str, records: list[dict]) -> dict:
     return Counter(r["answer"] for r in records)
 
 
+def world_files(world: str | Path) -> dict[str, Path]:
+    """The files of a written world under the run-config keys that take them (train_mm.py `key=value` overrides)."""
+    w = Path(world)
+    return {
+        "pretrain_data.shards": w / "shards",
+        "data.vqa_train_questions": w / "vqa/v2_OpenEnded_mscoco_train2014_questions.json",
+        "data.vqa_train_annotations": w / "vqa/v2_mscoco_train2014_annotations.json",
+        "data.vqa_val_questions": w / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+        "data.vqa_val_annotations": w / "vqa/v2_mscoco_val2014_annotations.json",
+        "data.vqa_images": w / "vqa/images",
+        "data.nlvr2_train": w / "nlvr2/train.json", "data.nlvr2_dev": w / "nlvr2/dev.json",
+        "data.nlvr2_images": w / "nlvr2/images",
+        "data.karpathy": w / "coco/dataset_coco.json", "data.coco_images": w / "vqa/images",
+    }
+
+
 def write_world(out: str | Path, n_train: int = 2000, n_val: int = 300, n_test: int = 300, n_pairs_train: int = 2000,
                 n_pairs_dev: int = 300, seed: int = 0, size: int = 64, shard_count: int = 500) -> dict:
     """Write the whole synthetic world under `out`; returns a summary with the baselines."""

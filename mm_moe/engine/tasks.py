@@ -176,17 +176,21 @@ def build_finetune(task: str, cfg: RunConfig, tokenizer: Any, rank: int = 0, wor
     """The model (fresh head), loaders and step of a fine-tuning task."""
     d, m, t = cfg.data, cfg.model, cfg.train
     train_tf = train_transform(m.img_size, min_scale=0.8)
+
+    def loader(ds: Any) -> Callable[[int], DataLoader]:
+        return lambda epoch: map_loader(ds, t.batch_size, t, ds.collate, epoch, rank, world)
+
     if task == "vqa":
         vocab = AnswerVocab.build([d.vqa_train_annotations], d.answer_min_count)
         if not len(vocab):
             raise ValueError(f"{d.vqa_train_annotations}: no answer occurs {d.answer_min_count}+ times")
         ds = VQADataset(d.vqa_train_questions, d.vqa_images, tokenizer, train_tf, d.vqa_train_annotations, vocab,
                         m.max_text_len)
-        return Task(BEiT3ForVQA(m, len(vocab)), lambda e: map_loader(ds, t.batch_size, t, ds.collate, e, rank, world),
+        return Task(BEiT3ForVQA(m, len(vocab)), loader(ds),
                     lambda model, b: model(b["images"], b["text_ids"], b["text_padding"], b["targets"]), {"vocab": vocab})
     if task == "nlvr2":
         ds = NLVR2Dataset(d.nlvr2_train, d.nlvr2_images, tokenizer, train_tf, m.max_text_len)
-        return Task(BEiT3ForNLVR2(m), lambda e: map_loader(ds, t.batch_size, t, ds.collate, e, rank, world),
+        return Task(BEiT3ForNLVR2(m), loader(ds),
                     lambda model, b: model(b["images_left"], b["images_right"], b["text_ids"], b["text_padding"],
                                            b["labels"]))
     if task == "caption":
@@ -197,7 +201,7 @@ def build_finetune(task: str, cfg: RunConfig, tokenizer: Any, rank: int = 0, wor
             inputs, labels = mask_caption(b, d.caption_mask_prob, tokenizer.mask_token_id, never)
             return model(b["images"], inputs, b["text_padding"], labels)
 
-        return Task(BEiT3ForCaptioning(m), lambda e: map_loader(ds, t.batch_size, t, ds.collate, e, rank, world), step)
+        return Task(BEiT3ForCaptioning(m), loader(ds), step)
     raise ValueError(f"unknown fine-tuning task {task!r}: expected vqa, nlvr2 or caption")
 
 

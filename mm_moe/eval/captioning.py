@@ -174,6 +174,8 @@ def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = F
     return out
 
 
-def write_results(path: str | Path, image_ids: list[int], captions: list[str]) -> None:
-    """COCO caption results: [{"image_id", "caption"}], one per image."""
-    Path(path).write_text(json.dumps([{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]))
+def write_results(path: str | Path, image_ids: list[int], captions: list[str]) -> list[dict]:
+    """Write and return COCO caption results: [{"image_id", "caption"}], one per image."""
+    results = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
+    Path(path).write_text(json.dumps(results))
+    return results

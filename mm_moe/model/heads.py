@@ -38,6 +38,16 @@ def _init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _labelled_logits(head: nn.Module, hidden: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Head logits at the positions with a label (-100: none) and their cross-entropy; without labels, logits at
+    every position and no loss. Projecting only the labelled tokens keeps the vocabulary matmul small."""
+    if labels is None:
+        return head(hidden), None
+    chosen = labels != -100
+    logits = head(hidden[chosen])
+    return logits, F.cross_entropy(logits.float(), labels[chosen])
+
+
 class TaskModel(nn.Module):
     """Base of the task models: a `beit3` encoder plus heads; timm hooks for layer decay and weight decay."""
 
@@ -153,16 +163,13 @@ class BEiT3ForPretraining(TaskModel):
         the vocabulary projection of every token would dominate the cost of a small model.
         """
         out = self.beit3(images, text_ids, text_padding, patch_mask=patch_mask)
-        text_hidden = out.hidden[:, out.split:]
         losses: dict[str, Tensor] = {}
         if text_ids is None:
             logits = out.hidden.new_zeros(0)
-        elif mlm_labels is not None:
-            chosen = mlm_labels != -100
-            logits = self.mlm(text_hidden[chosen])
-            losses["mlm"] = F.cross_entropy(logits.float(), mlm_labels[chosen])
         else:
-            logits = self.mlm(text_hidden)
+            logits, mlm_loss = _labelled_logits(self.mlm, out.hidden[:, out.split:], mlm_labels)
+            if mlm_loss is not None:
+                losses["mlm"] = mlm_loss
         if images is not None and patch_mask is not None:
             losses["mim"] = self.mim.loss(out.hidden[:, 1:out.split], images, patch_mask)
         return _output(logits, losses, out.aux_loss, out.stats)
@@ -232,15 +239,8 @@ class BEiT3ForCaptioning(TaskModel):
         n_img = self.beit3.vision.num_patches + 1
         mask = caption_mask(n_img, text_ids.shape[1], text_ids.device)
         out = self.beit3(images, text_ids, text_padding, attn_mask=mask)
-        text_hidden = out.hidden[:, out.split:]
-        losses = {}
-        if labels is not None:
-            chosen = labels != -100
-            logits = self.head(text_hidden[chosen])
-            losses["caption"] = F.cross_entropy(logits.float(), labels[chosen])
-        else:
-            logits = self.head(text_hidden)
-        return _output(logits, losses, out.aux_loss, out.stats)
+        logits, loss = _labelled_logits(self.head, out.hidden[:, out.split:], labels)
+        return _output(logits, {} if loss is None else {"caption": loss}, out.aux_loss, out.stats)
 
 
 def _output(logits: Tensor, losses: dict[str, Tensor], aux: Tensor, stats: dict[str, RoutingStats]) -> TaskOutput:

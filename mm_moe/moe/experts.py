@@ -127,11 +127,12 @@ class GroupedExperts(nn.Module):
         if self.norm_w is not None:
             h = self._add_bias(F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype).index_select(0, expert_of_row),
                                self.norm_b, expert_of_row)
-        scale_hidden = row_weights is not None and self.b2 is None and self.d_hidden < self.d_in
+        scale = None if row_weights is None else row_weights.to(dtype)[:, None]
+        scale_hidden = scale is not None and self.b2 is None and self.d_hidden < self.d_in
         if scale_hidden:
-            h = h * row_weights.to(dtype)[:, None]
+            h = h * scale
         y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
-        return y if row_weights is None or scale_hidden else y * row_weights.to(dtype)[:, None]
+        return y if scale is None or scale_hidden else y * scale
 
     def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""

@@ -117,3 +117,8 @@ def activation_ratio(layers: list[RoutingStats], threshold: float = 0.01) -> flo
     """
     freq = torch.cat([s.selection_frequency.flatten() for s in layers])
     return (freq > threshold).float().mean().item()
+
+
+def merge_stats(total: dict[str, RoutingStats], new: dict[str, RoutingStats]) -> dict[str, RoutingStats]:
+    """Per-layer stats of one more batch (`new`, as models return them) added into a running `total`."""
+    return {k: total[k].merge(s) if k in total else s for k, s in new.items()}
