@@ -9,6 +9,10 @@ at top-2, torchscale's X-MoE layer (the BEiT-3 authors' MOELayer + Top2Gate, GSh
 dispatch, capacity 2T/E as in their training) against the dense GELU twin.
 Like training (`init_distributed`), the run keeps freed memory for reuse (`keep_freed_memory`);
 --glibc-default measures with glibc's defaults, where every step page-faults the MoE layers' big tensors in.
+Timing starts at steady state: whole interleaved rounds run untimed until no step takes over 256 page
+faults (many differently sized layers in one process fragment the heap, so it keeps growing for a few
+rounds, and a step that first-touches 100-200 MB of new heap costs 0.1-0.6 s of kernel time); the table
+counts the page faults of the timed steps. (With --glibc-default every step faults: one warm-up round.)
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -156,10 +161,11 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
     return twins, cands
 
 
-def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> float:
-    """Seconds for one forward + backward (aux loss included when the layer has one)."""
+def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[float, int]:
+    """Seconds for one forward + backward (aux loss included when the layer has one), and its page faults."""
     module.zero_grad(set_to_none=True)
     x.grad = None
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     y = module(x)
     loss = (y * grad).sum()
@@ -167,7 +173,22 @@ def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> float:
     if aux is not None and aux.requires_grad:
         loss = loss + aux
     loss.backward()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+STEADY_FAULTS = 256  # page faults (1 MiB of new memory) a step may take and still count as steady state
+
+
+def warm_up(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor, grad: Tensor, max_rounds: int) -> tuple[int, int]:
+    """Run whole rounds of every (layer, twin) pair untimed until no step takes over STEADY_FAULTS page faults
+    (at most max_rounds). Returns (rounds run, the most page faults of one step in the last round)."""
+    rounds = 0
+    while True:
+        rounds += 1
+        worst = max(fwd_bwd(m, x, grad)[1] for pair in pairs for m in pair)
+        if worst <= STEADY_FAULTS or rounds >= max_rounds:
+            return rounds, worst
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -181,23 +202,25 @@ def run(args: argparse.Namespace) -> list[dict]:
             twins, cands = make_candidates(d, args.experts, k, args.dense_hidden, bias, args.peers)
             x = torch.randn(1, tokens, d, requires_grad=True)
             grad = torch.randn(1, tokens, d)
-            for m in [*twins.values(), *(c.module for c in cands)]:  # warm-up
-                fwd_bwd(m, x, grad)
+            warm, worst = warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
+            print(f"# top-{k} {routing}: {warm} warm-up rounds, the most page faults of one step in the last: {worst}")
             times = {c.name: ([], [], []) for c in cands}  # layer seconds, twin seconds, paired ratios
+            timed_faults = dict.fromkeys(times, 0)
             for r in range(args.rounds):
                 order = list(cands)
                 random.shuffle(order)
                 for c in order:  # each layer next to its twin, alternating who goes first
                     pair = (c.module, twins[c.twin]) if r % 2 else (twins[c.twin], c.module)
-                    t_first, t_second = (fwd_bwd(m, x, grad) for m in pair)
+                    (t_first, f_first), (t_second, f_second) = (fwd_bwd(m, x, grad) for m in pair)
                     t_layer, t_twin = (t_first, t_second) if r % 2 else (t_second, t_first)
+                    timed_faults[c.name] += f_first + f_second
                     for bucket, value in zip(times[c.name], (t_layer, t_twin, t_layer / t_twin), strict=True):
                         bucket.append(value)
             for c in cands:
                 t_layer, t_twin, ratios = (statistics.median(v) for v in times[c.name])
                 rows.append(dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, moe_ms=1e3 * t_layer,
                                  dense_ms=1e3 * t_twin, twin=c.twin, ratio=ratios,
-                                 spread=(min(times[c.name][2]), max(times[c.name][2])),
+                                 spread=(min(times[c.name][2]), max(times[c.name][2])), faults=timed_faults[c.name],
                                  max_load=c.max_load() if c.max_load else float("nan")))
             print_rows(rows[-len(cands):], header=not rows[:-len(cands)])
     return rows
@@ -230,12 +253,14 @@ def matmul_rates(args: argparse.Namespace) -> None:
 
 def print_rows(rows: list[dict], header: bool) -> None:
     if header:
-        print("| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio | ratio min-max |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio | ratio min-max "
+              "| page faults |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
         print(f"| {r['layer']} | {r['k']} | {r['routing']} | {load} | {r['moe_ms']:.1f} | {r['twin']} | "
-              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} |", flush=True)
+              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['faults']} |",
+              flush=True)
 
 
 def main() -> None:
@@ -248,6 +273,7 @@ def main() -> None:
     p.add_argument("--routing", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
     p.add_argument("--skew", type=float, default=1.5, help="strength of the Zipf logit bias for skewed routing")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--max-warmup", type=int, default=6, help="most untimed rounds run to reach steady state")
     p.add_argument("--peers", nargs="*", default=["grouped_mm", "torchscale"],
                    choices=["eager", "grouped_mm", "batched_mm", "torchscale"],
                    help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; batched_mm copies "
@@ -259,6 +285,8 @@ def main() -> None:
     if args.quick:
         args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
     allocator = "glibc default" if args.glibc_default or not keep_freed_memory() else "freed memory kept"
+    if allocator == "glibc default":
+        args.max_warmup = 1
     what = "grouped_mm over expert blocks vs one dense mm" if args.matmul else \
         "MoE layer fwd+bwd vs dense FFN of equal active FLOPs"
     print(f"# {what}: d={args.d}, tokens={args.tokens}, "

@@ -1,11 +1,16 @@
-"""The MoE layer benchmark runs end to end at a small size: every layer and peer gets a row with a ratio."""
+"""The MoE layer benchmark runs end to end at a small size: every layer and peer gets a row with a ratio,
+timed after a warm-up that waits for page faults to stop."""
 
 from __future__ import annotations
 
+import importlib.util
+import mmap
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--d", "64", "--tokens", "256", "--experts", "4", "--dense-hidden", "256", "--topk", "2", "--rounds", "1"]
@@ -17,13 +22,18 @@ def bench_moe(*args: str) -> str:
 
 
 def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
-    out = bench_moe("--routing", "balanced", "skewed")
+    out = bench_moe("--routing", "balanced", "skewed", "--max-warmup", "3")
     assert "freed memory kept" in out.splitlines()[0]
+    for routing in ("balanced", "skewed"):  # steady state is looked for before timing, in at most 3 rounds
+        warm = re.search(rf"^# top-2 {routing}: ([1-3]) warm-up rounds, the most page faults of one step in the last: \d+$",
+                         out, re.M)
+        assert warm, out
     layers = ["smoe", "smoe-swiglu", "xmoe", "mhmoe h=2", "mhmoe h=4", "cartesian", "HF Mixtral grouped_mm",
               "torchscale X-MoE"]
     for routing in ("balanced", "skewed"):
         for layer in layers:
-            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\d+\.\d+)x \|", out, re.M)
+            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\d+\.\d+)x \| [\d.-]+ \| \d+ \|$", out,
+                            re.M)
             assert row and float(row.group(1)) > 0, f"{layer} {routing}:\n{out}"
 
 
@@ -32,3 +42,32 @@ def test_bench_moe_matmul_mode_and_glibc_default():
     assert "glibc default" in out.splitlines()[0]
     rows = re.findall(r"^\| (smoe|mhmoe h=4|cartesian) \| 2 \| (\d+) x (\d+) x (\d+) \|", out, re.M)
     assert [(name, int(m) * 4) for name, m, _, _ in rows] == [("smoe", 512), ("mhmoe h=4", 2048), ("cartesian", 512)]
+
+
+class _Touch(torch.nn.Module):
+    """Touches `pages` freshly mapped pages per forward: each step page-faults that many times."""
+
+    def __init__(self, pages: int) -> None:
+        super().__init__()
+        self.pages = pages
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pages:
+            with mmap.mmap(-1, self.pages * mmap.PAGESIZE) as m:
+                for i in range(self.pages):
+                    m[i * mmap.PAGESIZE] = 1
+        return x * self.w
+
+
+def test_warm_up_runs_until_no_step_page_faults(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "benchmarks" / "bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    x, grad = torch.ones(4, requires_grad=True), torch.ones(4)
+    quiet, faulting = _Touch(0), _Touch(4 * bench.STEADY_FAULTS)
+    assert bench.warm_up([(quiet, quiet)], x, grad, max_rounds=5)[0] == 1
+    rounds, worst = bench.warm_up([(quiet, faulting)], x, grad, max_rounds=3)
+    assert rounds == 3 and worst >= 4 * bench.STEADY_FAULTS
+    assert bench.fwd_bwd(faulting, x, grad)[1] >= 4 * bench.STEADY_FAULTS
