@@ -13,15 +13,19 @@ Timing starts at steady state: whole interleaved rounds run untimed until no ste
 faults (many differently sized layers in one process fragment the heap, so it keeps growing for a few
 rounds, and a step that first-touches 100-200 MB of new heap costs 0.1-0.6 s of kernel time); the table
 counts the page faults of the timed steps. (With --glibc-default every step faults: one warm-up round.)
+--breakdown times every aten op of each step (forward and backward) and sums them by class, each as a
+fraction of the dense twin's whole step (the classes, plus the time between ops (Python, autograd), add up to
+the layer's step): the matmul column is the ratio a layer would have if nothing but its matmuls took time.
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
-    python benchmarks/bench_moe.py --matmul        # only: grouped_mm rate over each layer's expert blocks vs dense mm
+    python benchmarks/bench_moe.py --breakdown     # where each layer's time goes: matmuls, gather/scatter, activation, rest
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import resource
@@ -29,11 +33,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.engine.distributed import keep_freed_memory
@@ -161,18 +165,42 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
     return twins, cands
 
 
-def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[float, int]:
-    """Seconds for one forward + backward (aux loss included when the layer has one), and its page faults."""
+OP_CLASSES = {"matmul": {"mm", "addmm", "bmm", "_grouped_mm"},
+              "gather/scatter": {"index_select", "index_add", "index_add_", "index", "gather", "scatter_add",
+                                 "scatter_add_"},
+              "activation": {"gelu", "gelu_backward", "silu", "silu_backward"}}
+
+
+class OpTimer(TorchDispatchMode):
+    """Sums the wall time of every aten op run under it, forward and backward, by class (OP_CLASSES, else "other")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = dict.fromkeys([*OP_CLASSES, "other"], 0.0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        op_class = next((c for c, names in OP_CLASSES.items() if name in names), "other")
+        self.seconds[op_class] += time.perf_counter() - t0
+        return out
+
+
+def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor, timer: OpTimer | None = None) -> tuple[float, int]:
+    """Seconds for one forward + backward (aux loss included when the layer has one), and its page faults;
+    with a timer, every op's time is also summed into it."""
     module.zero_grad(set_to_none=True)
     x.grad = None
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    y = module(x)
-    loss = (y * grad).sum()
-    aux = getattr(module, "aux_loss", None)
-    if aux is not None and aux.requires_grad:
-        loss = loss + aux
-    loss.backward()
+    with timer or contextlib.nullcontext():
+        y = module(x)
+        loss = (y * grad).sum()
+        aux = getattr(module, "aux_loss", None)
+        if aux is not None and aux.requires_grad:
+            loss = loss + aux
+        loss.backward()
     seconds = time.perf_counter() - t0
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
@@ -204,63 +232,55 @@ def run(args: argparse.Namespace) -> list[dict]:
             grad = torch.randn(1, tokens, d)
             warm, worst = warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
             print(f"# top-{k} {routing}: {warm} warm-up rounds, the most page faults of one step in the last: {worst}")
-            times = {c.name: ([], [], []) for c in cands}  # layer seconds, twin seconds, paired ratios
-            timed_faults = dict.fromkeys(times, 0)
+            samples: dict[str, list[dict]] = {c.name: [] for c in cands}
             for r in range(args.rounds):
                 order = list(cands)
                 random.shuffle(order)
                 for c in order:  # each layer next to its twin, alternating who goes first
-                    pair = (c.module, twins[c.twin]) if r % 2 else (twins[c.twin], c.module)
-                    (t_first, f_first), (t_second, f_second) = (fwd_bwd(m, x, grad) for m in pair)
-                    t_layer, t_twin = (t_first, t_second) if r % 2 else (t_second, t_first)
-                    timed_faults[c.name] += f_first + f_second
-                    for bucket, value in zip(times[c.name], (t_layer, t_twin, t_layer / t_twin), strict=True):
-                        bucket.append(value)
+                    samples[c.name].append(measure_pair(c.module, twins[c.twin], x, grad, layer_first=r % 2 == 1,
+                                                        breakdown=args.breakdown))
             for c in cands:
-                t_layer, t_twin, ratios = (statistics.median(v) for v in times[c.name])
-                rows.append(dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, moe_ms=1e3 * t_layer,
-                                 dense_ms=1e3 * t_twin, twin=c.twin, ratio=ratios,
-                                 spread=(min(times[c.name][2]), max(times[c.name][2])), faults=timed_faults[c.name],
-                                 max_load=c.max_load() if c.max_load else float("nan")))
-            print_rows(rows[-len(cands):], header=not rows[:-len(cands)])
+                got = samples[c.name]
+                ratios = [v["ratio"] for v in got]
+                row = dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, twin=c.twin,
+                           max_load=c.max_load() if c.max_load else float("nan"), spread=(min(ratios), max(ratios)),
+                           faults=sum(v["faults"] for v in got))
+                row |= {key: statistics.median(v[key] for v in got) for key in got[0] if key != "faults"}
+                rows.append(row)
+            print_rows(rows[-len(cands):], header=not rows[:-len(cands)], breakdown=args.breakdown)
     return rows
 
 
-def matmul_rates(args: argparse.Namespace) -> None:
-    """GFLOP/s of torch._grouped_mm over each layer's expert blocks (balanced) next to one dense mm of the dense FFN."""
-    d, t, e = args.d, args.tokens, args.experts
-    dense_a, dense_w = torch.randn(t, d), torch.randn(d, args.dense_hidden)
-    print("| expert blocks | top-k | rows per expert x in x out | grouped GFLOP/s | dense mm GFLOP/s | ratio |")
-    print("|---|---|---|---|---|---|")
-    for k in args.topk:
-        shapes = {"smoe": (t * k // e, d, args.dense_hidden // k),
-                  "mhmoe h=4": (4 * t * k // e, d // 4, (args.dense_hidden - d) // k),
-                  "cartesian": (t * k // e, d, 16 * round(args.dense_hidden / (2 * (k + 1)) / 16))}
-        for name, (m, i, o) in shapes.items():
-            a, w = torch.randn(e * m, i), torch.randn(e, i, o)
-            offs = torch.arange(1, e + 1, dtype=torch.int32) * m
-            pair = (partial(torch._grouped_mm, a, w, offs=offs), partial(torch.mm, dense_a, dense_w))
-            secs: tuple[list[float], list[float]] = ([], [])
-            for r in range(args.rounds + 1):  # round 0 warms up
-                for j in (0, 1) if r % 2 else (1, 0):
-                    t0 = time.perf_counter()
-                    pair[j]()
-                    secs[j].append(time.perf_counter() - t0)
-            grouped = 2 * e * m * i * o / statistics.median(secs[0][1:]) / 1e9
-            dense = 2 * t * d * args.dense_hidden / statistics.median(secs[1][1:]) / 1e9
-            print(f"| {name} | {k} | {m} x {i} x {o} | {grouped:.0f} | {dense:.0f} | {grouped / dense:.2f} |", flush=True)
+def measure_pair(layer: nn.Module, twin: nn.Module, x: Tensor, grad: Tensor, layer_first: bool, breakdown: bool) -> dict:
+    """One forward + backward of a layer and of its dense twin, back to back: their seconds, the ratio, the page
+    faults of both; with breakdown, each op class's seconds in the layer, the layer's time between ops, and the
+    twin's matmul seconds, each as a fraction of the twin's whole step."""
+    timers = (OpTimer(), OpTimer()) if breakdown else (None, None)
+    if layer_first:
+        (t_layer, f_layer), (t_twin, f_twin) = fwd_bwd(layer, x, grad, timers[0]), fwd_bwd(twin, x, grad, timers[1])
+    else:
+        (t_twin, f_twin), (t_layer, f_layer) = fwd_bwd(twin, x, grad, timers[1]), fwd_bwd(layer, x, grad, timers[0])
+    sample = dict(moe_ms=1e3 * t_layer, dense_ms=1e3 * t_twin, ratio=t_layer / t_twin, faults=f_layer + f_twin)
+    if breakdown:
+        sample |= {f"part {c}": sec / t_twin for c, sec in timers[0].seconds.items()}
+        sample["part between ops"] = (t_layer - sum(timers[0].seconds.values())) / t_twin
+        sample["twin matmul"] = timers[1].seconds["matmul"] / t_twin
+    return sample
 
 
-def print_rows(rows: list[dict], header: bool) -> None:
+def print_rows(rows: list[dict], header: bool, breakdown: bool = False) -> None:
+    parts = [*OP_CLASSES, "other", "between ops"]
     if header:
-        print("| layer | top-k | routing | max expert load | layer ms | dense twin | twin ms | ratio | ratio min-max "
-              "| page faults |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        cols = ["layer", "top-k", "routing", "max expert load", "layer ms", "dense twin", "twin ms", "ratio", "ratio min-max"]
+        cols += [*parts, "twin's matmul"] if breakdown else ["page faults"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
     for r in rows:
         load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
-        print(f"| {r['layer']} | {r['k']} | {r['routing']} | {load} | {r['moe_ms']:.1f} | {r['twin']} | "
-              f"{r['dense_ms']:.1f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['faults']} |",
-              flush=True)
+        cells = [r["layer"], r["k"], r["routing"], load, f"{r['moe_ms']:.1f}", r["twin"], f"{r['dense_ms']:.1f}",
+                 f"{r['ratio']:.2f}x", f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}"]
+        cells += [*(f"{r[f'part {c}']:.2f}" for c in parts), f"{r['twin matmul']:.2f}"] if breakdown else [r["faults"]]
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def main() -> None:
@@ -279,7 +299,8 @@ def main() -> None:
                    help="HF Mixtral experts implementations to time (eager: ~30x dense, slow to run; batched_mm copies "
                         "a weight per token: ~19 GB at 1024 tokens), and torchscale's X-MoE layer (top-2 only)")
     p.add_argument("--quick", action="store_true", help="1024 tokens, top-2 and 4, 3 rounds")
-    p.add_argument("--matmul", action="store_true", help="only the matmul rate of each layer's expert blocks vs one dense mm")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time every op and split each layer's step into matmul, gather/scatter, activation and the rest")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     args = p.parse_args()
     if args.quick:
@@ -287,14 +308,10 @@ def main() -> None:
     allocator = "glibc default" if args.glibc_default or not keep_freed_memory() else "freed memory kept"
     if allocator == "glibc default":
         args.max_warmup = 1
-    what = "grouped_mm over expert blocks vs one dense mm" if args.matmul else \
-        "MoE layer fwd+bwd vs dense FFN of equal active FLOPs"
-    print(f"# {what}: d={args.d}, tokens={args.tokens}, "
+    what = "; op time by class as a fraction of the twin's step" if args.breakdown else ""
+    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, tokens={args.tokens}, "
           f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}")
-    if args.matmul:
-        matmul_rates(args)
-    else:
-        run(args)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from mm_moe.config import FFNConfig
+from mm_moe.moe import build_ffn
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--d", "64", "--tokens", "256", "--experts", "4", "--dense-hidden", "256", "--topk", "2", "--rounds", "1"]
@@ -37,11 +41,13 @@ def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
             assert row and float(row.group(1)) > 0, f"{layer} {routing}:\n{out}"
 
 
-def test_bench_moe_matmul_mode_and_glibc_default():
-    out = bench_moe("--matmul", "--glibc-default")
+def test_bench_moe_breakdown_mode_and_glibc_default():
+    out = bench_moe("--breakdown", "--glibc-default", "--peers")
     assert "glibc default" in out.splitlines()[0]
-    rows = re.findall(r"^\| (smoe|mhmoe h=4|cartesian) \| 2 \| (\d+) x (\d+) x (\d+) \|", out, re.M)
-    assert [(name, int(m) * 4) for name, m, _, _ in rows] == [("smoe", 512), ("mhmoe h=4", 2048), ("cartesian", 512)]
+    assert "| matmul | gather/scatter | activation | other | between ops | twin's matmul |" in out
+    for layer in ("smoe", "smoe-swiglu", "xmoe", "mhmoe h=2", "mhmoe h=4", "cartesian"):  # six fractions a row
+        assert re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| \d+\.\d+x \| [\d.-]+(?: \| -?\d+\.\d+){{6}} \|$",
+                         out, re.M), f"{layer}:\n{out}"
 
 
 class _Touch(torch.nn.Module):
@@ -60,11 +66,32 @@ class _Touch(torch.nn.Module):
         return x * self.w
 
 
-def test_warm_up_runs_until_no_step_page_faults(monkeypatch):
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/bench_moe.py imported as a module."""
     spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "benchmarks" / "bench_moe.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_timer_sorts_ops_into_classes(bench):
+    x, grad = torch.randn(64, 32, requires_grad=True), torch.randn(64, 32)
+    dense = build_ffn(FFNConfig(kind="dense", hidden=64), 32)
+    smoe = build_ffn(FFNConfig(kind="smoe", hidden=16, num_experts=4, top_k=2), 32)
+    seconds = {}
+    for name, module in (("dense", dense), ("smoe", smoe)):
+        timer = bench.OpTimer()
+        step = bench.fwd_bwd(module, x, grad, timer)[0]
+        seconds[name] = timer.seconds
+        assert 0 < sum(timer.seconds.values()) <= step
+    assert seconds["dense"]["matmul"] > 0 and seconds["dense"]["activation"] > 0  # fc1, fc2; GELU
+    assert seconds["dense"]["gather/scatter"] == 0
+    assert seconds["smoe"]["gather/scatter"] > 0  # dispatch (index_select) and combine (index_add_)
+
+
+def test_warm_up_runs_until_no_step_page_faults(bench):
     x, grad = torch.ones(4, requires_grad=True), torch.ones(4)
     quiet, faulting = _Touch(0), _Touch(4 * bench.STEADY_FAULTS)
     assert bench.warm_up([(quiet, quiet)], x, grad, max_rounds=5)[0] == 1
