@@ -1,5 +1,5 @@
 """The MoE layer benchmark runs end to end at a small size: every layer and peer gets a row with a ratio,
-timed after a warm-up that waits for page faults to stop."""
+timed after a warm-up that waits for page faults to stop; --breakdown sorts each step's ops into classes."""
 
 from __future__ import annotations
 
