@@ -17,16 +17,11 @@ from pathlib import Path
 import torch
 
 import train_mm
-from mm_moe.analysis import eval_batches, load_pretraining_model
-from mm_moe.data.coco import CaptionDataset, write_coco_gt
-from mm_moe.data.synthetic import world_files, write_world
-from mm_moe.data.tokenizer import load_tokenizer
-from mm_moe.data.transforms import eval_transform
-from mm_moe.engine.checkpoint import latest_checkpoint, load_weights
-from mm_moe.engine.tasks import load_run_config
-from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions, write_results
-from mm_moe.model import BEiT3ForCaptioning
-from mm_moe.moe.stats import activation_ratio, merge_stats
+from mm_moe.data import CaptionDataset, eval_transform, first_batches, load_tokenizer, world_files, write_coco_gt, write_world
+from mm_moe.engine import latest_checkpoint
+from mm_moe.eval import BeamConfig, evaluate_captions
+from mm_moe.inference import load_captioning_model, load_pretraining_model
+from mm_moe.moe import activation_ratio, merge_stats
 
 
 def stage(name: str, run_dir: Path, argv: list[str]) -> None:
@@ -46,28 +41,22 @@ def pretrained_activation_ratio(run_dir: Path, shards: Path, batches: int = 4) -
     model, cfg = load_pretraining_model(run_dir)
     merged: dict = {}
     with torch.no_grad():
-        for b in eval_batches(shards, cfg.model, batches):
-            stats = model.beit3(b["images"], b["text_ids"], b["text_padding"]).stats
-            merged = merge_stats(merged, stats)
+        for b in first_batches(shards, load_tokenizer(), cfg.model, batches):
+            merged = merge_stats(merged, model.beit3(b["images"], b["text_ids"], b["text_padding"]).stats)
     return activation_ratio(list(merged.values()))
 
 
 def caption_scores(run_dir: Path, world: Path, out: Path, beam: int) -> dict:
-    cfg = load_run_config(run_dir)
-    model = BEiT3ForCaptioning(cfg.model)
-    load_weights(model, run_dir)
+    """COCO caption scores of the fine-tuned captioner on the world's Karpathy test split."""
+    model, cfg = load_captioning_model(run_dir)
     tok = load_tokenizer()
-    ds = CaptionDataset(world / "coco" / "dataset_coco.json", world / "vqa" / "images", tok,
-                        eval_transform(cfg.model.img_size), splits=("test",), per_image=True)
-    decoder = CaptionDecoder(model, tok, BeamConfig(beam_size=beam, max_len=cfg.model.max_text_len - 2))
-    ids, caps = [], []
-    for b in torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=ds.collate):
-        ids += b["image_ids"]
-        caps += decoder.captions(b["images"])
-    results = write_results(out / "caption_results.json", ids, caps)
-    gt = write_coco_gt(world / "coco" / "dataset_coco.json", "test", out / "caption_gt.json")
-    scores = score_captions(gt, results)
-    scores["example"] = caps[0]
+    karpathy = world / "coco" / "dataset_coco.json"
+    ds = CaptionDataset(karpathy, world / "vqa" / "images", tok, eval_transform(cfg.model.img_size), splits=("test",),
+                        per_image=True)
+    gt = write_coco_gt(karpathy, "test", out / "caption_gt.json")
+    results_json = out / "caption_results.json"
+    scores = evaluate_captions(model, ds, tok, gt, results_json, BeamConfig(beam_size=beam, max_len=cfg.model.max_text_len - 2))
+    scores["example"] = json.loads(results_json.read_text())[0]["caption"]
     return scores
 
 

@@ -14,29 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mm_moe.data.tokenizer import load_tokenizer
-from mm_moe.data.transforms import eval_transform
-from mm_moe.data.vqa import AnswerVocab, VQADataset
-from mm_moe.engine.checkpoint import load_weights, resolve_checkpoint
-from mm_moe.engine.tasks import RunConfig, eval_vqa_predictions, load_run_config
-from mm_moe.eval.vqa_metric import evaluate
-from mm_moe.model import BEiT3ForVQA
-
-
-def load_vqa_model(ckpt: str | Path) -> tuple[BEiT3ForVQA, AnswerVocab, RunConfig]:
-    """A fine-tuned VQA model with its answer vocabulary (answers.json of the run or checkpoint)."""
-    path = resolve_checkpoint(ckpt)
-    cfg = load_run_config(path)
-    vocab_file = next((p / "answers.json" for p in (path, path.parent) if (p / "answers.json").is_file()), None)
-    if vocab_file is None:
-        raise FileNotFoundError(f"{path}: no answers.json in the checkpoint or its run directory")
-    vocab = AnswerVocab.load(vocab_file)
-    model = BEiT3ForVQA(cfg.model, len(vocab))
-    load_weights(model, path)
-    return model.eval(), vocab, cfg
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,21 +26,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results file to write (default: next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
+    if args.ckpt and args.images is None:
+        p.error("--ckpt needs --images")
+    if args.results and args.annotations is None:
+        p.error("--results needs --annotations (there is nothing to do with a results file but score it)")
+    from mm_moe.eval import evaluate_vqa
+
     if args.ckpt:
-        if args.images is None:
-            p.error("--ckpt needs --images")
+        import torch
+
+        from mm_moe.data import VQADataset, eval_transform, load_tokenizer
+        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.eval import vqa_predictions
+        from mm_moe.inference import load_vqa_model
+
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, vocab, cfg = load_vqa_model(args.ckpt)
         ds = VQADataset(args.questions, args.images, load_tokenizer(), eval_transform(cfg.model.img_size),
                         max_text_len=cfg.model.max_text_len)
-        results = eval_vqa_predictions(model.to(device), ds, vocab, args.batch_size, device)
+        results = vqa_predictions(model.to(device), ds, vocab.answers, args.batch_size, device)
         out = args.out or resolve_checkpoint(args.ckpt) / f"vqa_results_{args.questions.stem}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} answers to {out}")
     else:
         results = json.loads(args.results.read_text())
     if args.annotations:
-        report = evaluate(results, args.annotations, args.questions)
+        report = evaluate_vqa(results, args.annotations, args.questions)
         report.pop("per_question")
         print(json.dumps(report, indent=2))
     return 0

@@ -12,14 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
-from mm_moe.data.synthetic import write_world
-from mm_moe.data.tokenizer import load_tokenizer
+from mm_moe.config import BEiT3Config, PretrainDataConfig
+from mm_moe.data import load_tokenizer, pretrain_loader, write_world
 
 
-def measure(urls: list[str], cfg: PretrainDataConfig, workers: int, batch_size: int) -> tuple[float, int]:
+def measure(urls: list[str], model: BEiT3Config, workers: int, batch_size: int) -> tuple[float, int]:
     tok = load_tokenizer()
-    loader = pretrain_loader(urls, tok, cfg, batch_size, num_workers=workers)
+    loader = pretrain_loader(urls, tok, PretrainDataConfig(), model, batch_size, num_workers=workers)
     n, start = 0, None
     for i, batch in enumerate(loader):
         if i == 1:  # start after the first batch: worker start-up is not throughput
@@ -39,7 +38,7 @@ def main() -> None:
         write_world(tmp, n_train=args.pairs // 3, n_val=1, n_test=1, n_pairs_train=2, n_pairs_dev=2,
                     size=args.img_size, shard_count=max(1, args.pairs // 8))
         urls = [str(u) for u in sorted(Path(tmp, "shards").glob("*.tar"))]
-        cfg = PretrainDataConfig(img_size=args.img_size, patch_size=16 if args.img_size >= 128 else 8)
+        cfg = BEiT3Config(img_size=args.img_size, patch_size=16 if args.img_size >= 128 else 8)
         print(f"# pretraining pipeline, {args.img_size}px PNG, {len(urls)} shards, batch {args.batch_size}")
         print("| workers | samples/s | vs 0 workers |\n|---|---|---|")
         base = None

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
-from mm_moe.engine.distributed import keep_freed_memory
+from mm_moe.engine import keep_freed_memory
 from mm_moe.moe import build_ffn, ffn_cost
 from mm_moe.moe.routing import Router
 

@@ -20,10 +20,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_moe.config import FFNConfig, load_config
-from mm_moe.engine.distributed import init_distributed
-from mm_moe.engine.tasks import Objectives, pretrain_step
-from mm_moe.model import BEiT3Config, BEiT3ForPretraining
+from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
+from mm_moe.constants import IGNORE_INDEX
+from mm_moe.engine import init_distributed, pretrain_loss
+from mm_moe.model import BEiT3ForPretraining
 from mm_moe.moe import mhmoe_matched
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
@@ -46,7 +46,7 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     length = min(cfg.max_text_len, 32)
     ids = torch.randint(1000, cfg.vocab_size, (n, length), generator=g)
-    labels = torch.where(torch.rand(n, length, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    labels = torch.where(torch.rand(n, length, generator=g) < 0.15, ids, torch.full_like(ids, IGNORE_INDEX))
     labels[:, 1] = ids[:, 1]
     patches = (cfg.img_size // cfg.patch_size) ** 2
     b = {"images": torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=g), "masked_ids": ids,
@@ -55,13 +55,13 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def timed_step(model, opt, step_fn, b: dict, device: torch.device, amp: bool) -> float:
+def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool) -> float:
     """Seconds for one full training step (forward passes, backward, optimizer)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = step_fn(model, b)
+        out = loss_fn(model, b)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
-    step_fn = pretrain_step(Objectives())
+    loss_fn = pretrain_loss(ObjectivesConfig())
     peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)
     print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, {device}, "
           f"{'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}")
@@ -97,12 +97,12 @@ def main() -> None:
 
         times = {name: [] for name in runs}
         for name in runs:
-            timed_step(*runs[name], step_fn, b, device, amp)  # warm-up
+            timed_step(*runs[name], loss_fn, b, device, amp)  # warm-up
         for _ in range(args.rounds):
             order = list(runs)
             random.shuffle(order)
             for name in order:
-                times[name].append(timed_step(*runs[name], step_fn, b, device, amp))
+                times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
         dense_t = statistics.median(times["dense"])
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])
@@ -111,7 +111,7 @@ def main() -> None:
             if peak:
                 counter = FlopCounterMode(display=False)
                 with counter, torch.autocast(device.type, dtype=torch.bfloat16):
-                    step_fn(model, b).loss.backward()
+                    loss_fn(model, b).loss.backward()
                 row += f" {100 * counter.get_total_flops() / t / peak:.1f}% |"
                 model.zero_grad(set_to_none=True)
             print(row, flush=True)

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import variants
 
 import train_mm
-from mm_moe.analysis import analyze, eval_batches, load_pretraining_model
-from mm_moe.config import load_config
-from mm_moe.data.synthetic import world_files, write_world
-from mm_moe.model import BEiT3Config
+from mm_moe.analysis import analyze
+from mm_moe.config import BEiT3Config, load_config
+from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
+from mm_moe.inference import load_pretraining_model
 
 
 def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
@@ -43,7 +43,7 @@ def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
                     continue
                 data = (world / "vqa" / "images" / im["filepath"] / im["filename"]).read_bytes()
                 sink.write({"__key__": f"{im['cocoid']:012d}", "png": data, "txt": im["sentences"][0]["raw"]})
-    return eval_batches(out, cfg, n, seed=123, shuffle_buffer=1)
+    return first_batches(out, load_tokenizer(), cfg, n, seed=123, shuffle_buffer=1)
 
 
 def main() -> None:

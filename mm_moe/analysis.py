@@ -1,4 +1,4 @@
-"""Expert analysis of a checkpoint, and training curves of a run.
+"""Expert analysis of a checkpoint.
 
     python -m mm_moe.analysis --ckpt runs/pretrain_demo --shards data/synthetic/shards [--batches 8] [--out DIR]
 
@@ -8,7 +8,6 @@ writes, for the MoE layers of the encoder on image-text batches:
   analysis.json        activation ratio, routing entropy and load imbalance per layer, and the routing
                        robustness experiment (CartesianMoE paper): masked-LM loss / perplexity with each
                        token's top-1 expert disabled (routed to its next choices) against normal routing.
-`plot_curves(run_dir)` renders loss, aux loss and load imbalance from metrics.jsonl (the trainer calls it).
 """
 
 from __future__ import annotations
@@ -27,37 +26,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.constants import IGNORE_INDEX
+from mm_moe.data.shards import first_batches
 from mm_moe.data.tokenizer import load_tokenizer
-from mm_moe.engine.checkpoint import load_weights, resolve_checkpoint
-from mm_moe.engine.tasks import RunConfig, load_run_config, shard_urls
-from mm_moe.model import BEiT3Config, BEiT3ForPretraining
+from mm_moe.engine.checkpoint import resolve_checkpoint
+from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import RoutingStats
 from mm_moe.moe.routing import Router
 from mm_moe.moe.stats import activation_ratio, merge_stats
-
-
-def plot_curves(run_dir: str | Path) -> Path | None:
-    """run_dir/curves.png: loss, aux loss and expert load imbalance over steps (None without metrics)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}  # a resumed run logs steps again
-    steps = sorted(records)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ("loss", "aux_loss", "load_imbalance"),
-                              ("loss (task + aux)", "MoE aux loss", "load imbalance (max / mean load)"), strict=True):
-        ys = [records[s].get(key, float("nan")) for s in steps]
-        ax.plot(steps, ys)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 @contextmanager
@@ -127,7 +103,7 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
         for b in batches:
             o = model(images=b["images"], text_ids=b["masked_ids"], text_padding=b["text_padding"],
                       mlm_labels=b["mlm_labels"])
-            m = int((b["mlm_labels"] != -100).sum())
+            m = int((b["mlm_labels"] != IGNORE_INDEX).sum())
             total, n = total + o.losses["mlm"].item() * m, n + m
             merged = merge_stats(merged, o.stats)
         return total / n, merged
@@ -151,33 +127,6 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
     return report
 
 
-def load_pretraining_model(ckpt: str | Path) -> tuple[BEiT3ForPretraining, RunConfig]:
-    """The encoder of any task checkpoint inside a BEiT3ForPretraining (MLM / MIM heads random if it had none)."""
-    ckpt = resolve_checkpoint(ckpt)
-    cfg = load_run_config(ckpt)
-    model = BEiT3ForPretraining(cfg.model)
-    missing, _ = load_weights(model, ckpt, strict=False)
-    if any(k.startswith("beit3.") for k in missing):
-        raise KeyError(f"{ckpt}: missing encoder weights {[k for k in missing if k.startswith('beit3.')][:5]}")
-    if missing:
-        print(f"note: {ckpt} is not a pretraining checkpoint (no MLM head): routing statistics are meaningful, "
-              "the masked-LM losses of the robustness experiment are not", file=sys.stderr)
-    return model.eval(), cfg
-
-
-def eval_batches(shards: str | Path, model_cfg: BEiT3Config, n: int, batch_size: int = 32, seed: int = 0,
-                 shuffle_buffer: int = 10) -> list[dict]:
-    """The first `n` un-augmented pretraining batches (masks included) of webdataset shards."""
-    data_cfg = PretrainDataConfig(img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, train_augment=False,
-                                  max_text_len=model_cfg.max_text_len, shuffle_buffer=shuffle_buffer)
-    batches = []
-    for b in pretrain_loader(shard_urls(str(shards)), load_tokenizer(), data_cfg, batch_size, seed=seed):
-        batches.append(b)
-        if len(batches) == n:
-            break
-    return batches
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory (any task: its encoder is analysed)")
@@ -187,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="default: <checkpoint>/analysis")
     args = p.parse_args(argv)
     model, cfg = load_pretraining_model(args.ckpt)
-    batches = eval_batches(args.shards, cfg.model, args.batches, args.batch_size, seed=cfg.train.seed)
+    batches = first_batches(args.shards, load_tokenizer(), cfg.model, args.batches, args.batch_size, seed=cfg.train.seed)
     report = analyze(model, batches, args.out or resolve_checkpoint(args.ckpt) / "analysis")
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
     return 0
+
+
+__all__ = ["top1_disabled", "plot_load", "plot_pairs", "analyze"]
 
 
 if __name__ == "__main__":

@@ -1,56 +1,110 @@
-"""Typed dataclass configs with YAML loading and `key=value` overrides; unknown keys are rejected."""
+"""Every config of a run, as typed dataclasses, and the machinery that loads them: YAML files, section
+includes, `key=value` overrides, and validation of every value against its annotation.
+
+The bottom layer of the package (it imports no torch): the MoE library, the model, the data pipelines and
+the trainer all read their settings from here, and a CLI can validate a config before importing torch.
+
+Validation on load: numeric strings (YAML reads `1e-4` as a string) become numbers, a value of the wrong
+type or out of its `Range` is rejected with its dotted key path, the expected type and the value given,
+and an unknown key is rejected with the nearest valid one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
 FFNKind = Literal["dense", "smoe", "xmoe", "mhmoe", "cartesian"]
 Activation = Literal["gelu", "swiglu"]
 RouterKind = Literal["linear", "xmoe"]
+DispatchMode = Literal["auto", "grouped_mm", "loop"]
+Task = Literal["pretrain", "vqa", "nlvr2", "caption"]
 
 
+class ConfigError(ValueError):
+    """A config value, key or file that cannot be used; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, attached with `Annotated[int, Range(ge=1)]`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def violated(self, value: float) -> str | None:
+        """A description of the bound `value` breaks, or None."""
+        for bound, op, ok in ((self.ge, ">=", lambda b: value >= b), (self.gt, ">", lambda b: value > b),
+                              (self.le, "<=", lambda b: value <= b), (self.lt, "<", lambda b: value < b)):
+            if bound is not None and not ok(bound):
+                return f"{op} {bound:g}"
+        return None
+
+
+Positive = Range(gt=0)
+NonNegative = Range(ge=0)
+Fraction = Range(ge=0, le=1)
+PosInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, NonNegative]
+PosFloat = Annotated[float, Positive]
+
+
+# --- the MoE library and the model ------------------------------------------------------------------------
 @dataclass
 class FFNConfig:
     """One feed-forward layer: dense, or one of the MoE variants built by `build_ffn`.
 
-    `hidden` is the inner size of the dense FFN, or of each (sub-)expert for MoE kinds.
-    `subln` puts a LayerNorm over the hidden units before the output projection (torchscale's sub-LN).
-    For "cartesian", `num_experts`, `top_k` and `num_shared_experts` apply to each of the
-    two sub-expert groups A and B.
+    For "cartesian", `num_experts`, `top_k` and `num_shared_experts` apply to each of the two sub-expert
+    groups A and B.
     """
 
     kind: FFNKind = "dense"
-    hidden: int = 3072
+    """dense | smoe (top-k, optional shared experts) | xmoe | mhmoe | cartesian."""
+    hidden: PosInt = 3072
+    """Inner size of the dense FFN, or of each (sub-)expert for MoE kinds."""
     activation: Activation = "gelu"
+    """gelu, or swiglu (a third, gate projection)."""
     bias: bool = True
+    """Biases in the FFN projections."""
     subln: bool = False
-    num_experts: int = 8
-    top_k: int = 2
-    num_shared_experts: int = 0
-    shared_hidden: int | None = None
-    heads: int = 1
+    """A LayerNorm over the hidden units before the output projection (torchscale's sub-LN)."""
+    num_experts: PosInt = 8
+    """Routed experts (per group for cartesian)."""
+    top_k: PosInt = 2
+    """Experts each token (sub-token) is sent to."""
+    num_shared_experts: NonNegInt = 0
+    """Always-on experts beside the routed ones."""
+    shared_hidden: PosInt | None = None
+    """Inner size of a shared expert (default: `hidden`)."""
+    heads: PosInt = 1
+    """MH-MoE heads: sub-tokens per token."""
     router: RouterKind | None = None
-    router_dim: int = 16
+    """linear or xmoe; default: xmoe for xmoe/mhmoe (as the official code), linear otherwise."""
+    router_dim: PosInt = 16
+    """X-MoE router's low-dimensional routing space."""
     renormalize: bool = False
-    balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    capacity_factor: float | None = None
-    dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"
+    """Renormalise the top-k weights to sum to 1."""
+    balance_coef: Annotated[float, NonNegative] = 0.01
+    """Weight of the Switch load-balance loss."""
+    z_loss_coef: Annotated[float, NonNegative] = 0.0
+    """Weight of the router z-loss."""
+    capacity_factor: PosFloat | None = None
+    """None: dropless; else each expert takes at most capacity_factor * k * T / E assignments."""
+    dispatch: DispatchMode = "auto"
+    """Expert matmuls: torch._grouped_mm where it applies (auto), always, or one mm per expert."""
 
     def __post_init__(self) -> None:
-        if self.kind != "dense" and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"FFNConfig.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.heads < 1:
-            raise ValueError(f"FFNConfig.heads must be >= 1, got {self.heads}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"FFNConfig.capacity_factor must be > 0 or None, got {self.capacity_factor}")
+        if self.kind != "dense" and not self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k: expected at most num_experts={self.num_experts}, got {self.top_k}")
 
     @property
     def router_kind(self) -> RouterKind:
@@ -60,32 +114,330 @@ class FFNConfig:
         return "xmoe" if self.kind in ("xmoe", "mhmoe") else "linear"
 
 
+def moe_layer_ids(depth: int, placement: str) -> set[int]:
+    """Which layers get MoE FFNs: "none", "all", "every_other" (layers 1, 3, 5, ...), or "top<N>" (the last N)."""
+    if placement == "none":
+        return set()
+    if placement == "all":
+        return set(range(depth))
+    if placement == "every_other":
+        return set(range(1, depth, 2))
+    if placement.startswith("top") and placement[3:].isdigit() and 0 < int(placement[3:]) <= depth:
+        return set(range(depth - int(placement[3:]), depth))
+    raise ConfigError(f"moe_layers: expected none, all, every_other or top<N> with N <= depth={depth}, got {placement!r}")
+
+
+@dataclass
+class BEiT3Config:
+    """Model shape; the defaults are BEiT-3 base (12 x 768, 12 heads, FFN 3072, 224px / 16)."""
+
+    img_size: PosInt = 224
+    """Input image side in pixels."""
+    patch_size: PosInt = 16
+    """Patch side in pixels."""
+    in_chans: PosInt = 3
+    """Image channels."""
+    vocab_size: PosInt = 30522
+    """Text embedding rows (the tokenizer's vocabulary)."""
+    max_text_len: PosInt = 64
+    """Text positions."""
+    d_model: PosInt = 768
+    """Hidden size."""
+    depth: PosInt = 12
+    """Blocks."""
+    heads: PosInt = 12
+    """Attention heads."""
+    ffn: FFNConfig = field(default_factory=lambda: FFNConfig(kind="dense", hidden=3072, subln=True))
+    """The FFN of the layers without MoE."""
+    moe: FFNConfig | None = None
+    """The FFN of the MoE layers (None: a dense model)."""
+    moe_layers: str = "none"
+    """none | all | every_other | top<N>."""
+    moe_shared_branches: bool = False
+    """One MoE for both modalities instead of a V and an L MoE."""
+    subln: bool = True
+    """Sub-LN inside attention (torchscale)."""
+    drop_path: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """Stochastic depth of the last block (linear from 0 at the first)."""
+    layer_scale: PosFloat | None = None
+    """Initial value of the per-channel residual scales (None: no layer scale)."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward."""
+    eps: PosFloat = 1e-5
+    """LayerNorm epsilon."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.heads:
+            raise ConfigError(f"heads: expected a divisor of d_model={self.d_model}, got {self.heads}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"patch_size: expected a divisor of img_size={self.img_size}, got {self.patch_size}")
+        moe_layer_ids(self.depth, self.moe_layers)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """AdamW with layer-wise lr decay, linear warmup then cosine."""
+
+    lr: PosFloat = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: Annotated[float, Fraction] = 0.01
+    """The cosine decays to lr * min_lr_ratio."""
+    weight_decay: Annotated[float, NonNegative] = 0.05
+    """AdamW weight decay (not on biases, norms, embeddings)."""
+    layer_decay: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """Per-layer lr decay; 1.0: off (BEiT-3 fine-tuning uses 0.65-0.9)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: PosFloat = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: NonNegInt = 100
+    """Linear warmup steps."""
+    clip_grad: PosFloat | None = 3.0
+    """Gradient norm clip (None: off)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: PosInt = 1000
+    """Optimizer steps."""
+    batch_size: PosInt = 32
+    """Samples per process and micro-step."""
+    grad_accum: PosInt = 1
+    """Micro-steps per optimizer step."""
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    """auto: bf16 on a CUDA device that supports it, else fp32."""
+    log_every: PosInt = 10
+    """Steps between metrics.jsonl records."""
+    ckpt_every: PosInt = 500
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_last: PosInt = 2
+    """Checkpoints kept."""
+    ema_decay: Annotated[float, Range(gt=0, lt=1)] | None = None
+    """EMA of the weights (None: off)."""
+    seed: NonNegInt = 0
+    """Seed of weights, data order, augmentation and masks."""
+    num_workers: NonNegInt = 0
+    """DataLoader worker processes."""
+    distributed: Literal["none", "ddp", "fsdp2"] = "ddp"
+    """Wrapping under torchrun."""
+    expert_parallel: bool = False
+    """Shard MoE experts over the ranks (all_to_all dispatch)."""
+    tensorboard: bool = False
+    """Also log to run_dir/tensorboard."""
+
+
+@dataclass
+class ObjectivesConfig:
+    """Weights of the pretraining losses (0 skips a pass)."""
+
+    mlm: Annotated[float, NonNegative] = 1.0
+    """Masked language modeling, text only."""
+    mim: Annotated[float, NonNegative] = 1.0
+    """Masked image modeling, image only."""
+    vlm: Annotated[float, NonNegative] = 1.0
+    """Masked vision-language modeling: masked text given the image."""
+
+
+@dataclass
+class PretrainDataConfig:
+    """Webdataset shards of image-text pairs and how they are masked."""
+
+    shards: str = ""
+    """Brace pattern or directory of .tar shards."""
+    mlm_prob: Annotated[float, Range(gt=0, le=1)] = 0.15
+    """Share of text tokens masked."""
+    mask_ratio: Annotated[float, Range(gt=0, le=1)] = 0.4
+    """Share of patches masked by block masking."""
+    min_block: PosInt = 16
+    """Smallest masked block in patches (BEiT: 16 of 196)."""
+    shuffle_buffer: NonNegInt = 1000
+    """Samples in the shuffle buffer."""
+    epoch_batches: PosInt | None = None
+    """Resample shards, this many batches per epoch and rank (use under DDP)."""
+
+
+@dataclass
+class TaskDataConfig:
+    """Fine-tuning data in the official formats."""
+
+    vqa_train_questions: str = ""
+    """VQA v2 questions json of the training split."""
+    vqa_train_annotations: str = ""
+    """VQA v2 annotations json of the training split."""
+    vqa_val_questions: str = ""
+    """VQA v2 questions json scored after training (empty: no scoring)."""
+    vqa_val_annotations: str = ""
+    """VQA v2 annotations json of that split."""
+    vqa_images: str = ""
+    """Folder of the COCO images (searched recursively)."""
+    answer_min_count: PosInt = 9
+    """Answers occurring at least this often in training form the vocabulary."""
+    nlvr2_train: str = ""
+    """NLVR2 train.json (JSON Lines)."""
+    nlvr2_dev: str = ""
+    """NLVR2 dev.json scored after training (empty: no scoring)."""
+    nlvr2_images: str = ""
+    """Folder of the NLVR2 images."""
+    karpathy: str = ""
+    """COCO Karpathy dataset_coco.json."""
+    coco_images: str = ""
+    """Folder of the COCO images."""
+    caption_mask_prob: Annotated[float, Range(gt=0, le=1)] = 0.6
+    """Share of caption tokens masked in captioning fine-tuning (BEiT-3)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one `train_mm.py` run needs; saved as run_dir/config.yaml and in every checkpoint."""
+
+    model: BEiT3Config = field(default_factory=BEiT3Config)
+    """The model (a section, or the path of a YAML file)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop."""
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    """Pretraining loss weights."""
+    pretrain_data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    """Pretraining shards."""
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    """Fine-tuning files."""
+    task: Task = "pretrain"
+    """pretrain | vqa | nlvr2 | caption (set by train_mm.py)."""
+    run_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl and checkpoints go."""
+
+
+# --- loading and validation ---------------------------------------------------------------------------------
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the offending path."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise KeyError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; expected some of {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        sub = _dataclass_in(hints[key])
-        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub is not None and isinstance(value, dict) else value
-    return cls(**kwargs)
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass type inside an annotation like `X` or `X | None`, else None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        base, *meta = typing.get_args(tp)
+        ranges = [m for m in meta if isinstance(m, Range)]
+        bounds = ", ".join(f"{op} {b:g}" for r in ranges for op, b in
+                           ((">=", r.ge), (">", r.gt), ("<=", r.le), ("<", r.lt)) if b is not None)
+        return f"{_type_name(base)} {bounds}".strip()
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
-    return None
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _number(value: Any, kind: type) -> Any:
+    """`value` as an int or float when it is one (numbers, numeric strings), else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError
+    number = float(value) if isinstance(value, str) else value
+    if kind is float:
+        return float(number)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    return number
+
+
+def _mismatch(where: str, tp: Any, value: Any, detail: str = "") -> ConfigError:
+    """The error for `value` not fitting annotation `tp` at `where` (marked, so an enclosing union or Annotated
+    can restate it with its own, fuller type)."""
+    err = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{detail}")
+    err.at, err.detail = where, detail
+    return err
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked (and numbers converted) against annotation `tp`; ConfigError naming `where` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated or origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if origin is not Annotated and value is None and type(None) in args:
+            return None
+        try:
+            if origin is Annotated:
+                out = _coerce(value, args[0], where)
+                for bound in (m for m in args[1:] if isinstance(m, Range)):
+                    if (broken := bound.violated(out)) is not None:
+                        raise _mismatch(where, tp, value, f" (not {broken})")
+                return out
+            members = [a for a in args if a is not type(None)]
+            for i, arg in enumerate(members):
+                try:
+                    return _coerce(value, arg, where)
+                except ConfigError as err:
+                    if i == len(members) - 1 or getattr(err, "at", None) != where:
+                        raise
+        except ConfigError as err:
+            if getattr(err, "at", None) != where:  # an error inside a nested section: keep its own path
+                raise
+            raise _mismatch(where, tp, value, err.detail) from None
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _mismatch(where, tp, value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise _mismatch(where, tp, value)
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _from_dict(tp, value, where)
+        raise _mismatch(where, tp, value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _mismatch(where, tp, value)
+    if tp in (int, float):
+        try:
+            return _number(value, tp)
+        except ValueError:
+            raise _mismatch(where, tp, value) from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _mismatch(where, tp, value, " (quote it in YAML)")
+    if tp is Any:
+        return value
+    raise TypeError(f"{where}: no rule to check annotation {tp!r}")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{_join(where, str(key))}: unknown key for {cls.__name__}{hint} (valid: {', '.join(names)})")
+    kwargs = {key: _coerce(value, hints[key], _join(where, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a check across fields: its message starts with the field's name
+        raise ConfigError(_join(where, str(err))) from None
+
+
+def _join(where: str, key: str) -> str:
+    """The dotted path of `key` under `where` ("file.yaml:" is a root)."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config:") -> T:
+    """Build dataclass `cls` from a nested dict, checking every key and value (ConfigError names the key path)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
+    return _from_dict(cls, data, where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -93,23 +445,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise KeyError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not YAML ({err})") from None
     return out
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    return yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {data!r}")
+    return data
 
 
 def _resolve_includes(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -121,21 +488,42 @@ def _resolve_includes(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         if sub is None:
             continue
         if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-            value = _read_yaml(value)
+            value = read_yaml(value)
         if isinstance(value, dict):
             out[key] = _resolve_includes(sub, value)
     return out
 
 
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass type inside an annotation like `X` or `X | None`, else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load `cls` from a YAML file (optional; sections may name other YAML files) plus `key=value` overrides."""
-    data = _resolve_includes(cls, _read_yaml(path)) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides or []), where=str(path or "config"))
+    data = _resolve_includes(cls, read_yaml(path)) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides or []), where=f"{path or 'config'}:")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a dataclass config (for config.yaml in run and checkpoint folders)."""
-    return dataclasses.asdict(cfg)
+    """A plain dict of a dataclass config (for config.yaml in run and checkpoint folders); tuples become lists."""
+    return _plain(dataclasses.asdict(cfg))
 
 
-__all__ = ["FFNConfig", "from_dict", "apply_overrides", "load_config", "to_dict"]
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = [
+    "ConfigError", "Range", "FFNConfig", "BEiT3Config", "OptimConfig", "TrainConfig", "ObjectivesConfig",
+    "PretrainDataConfig", "TaskDataConfig", "RunConfig", "moe_layer_ids",
+    "from_dict", "apply_overrides", "read_yaml", "load_config", "to_dict",
+]

@@ -7,10 +7,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from mm_moe.config import FFNConfig
-from mm_moe.engine.distributed import DistInfo, shard_experts, wrap_model
-from mm_moe.model import BEiT3Config, BEiT3ForVQA
-from mm_moe.moe import GroupedExperts
+from mm_moe.config import BEiT3Config, FFNConfig, OptimConfig, RunConfig, TrainConfig
+from mm_moe.engine import DistInfo, Task, Trainer, wrap_model
+from mm_moe.model import BEiT3ForVQA
+from mm_moe.moe import GroupedExperts, shard_experts
 
 
 def init(rank: int, world: int, port: int) -> None:
@@ -95,4 +95,44 @@ def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str
     torch.save({"out_err": (out - ref).abs().max(), "x_grad_err": (x.grad - ref_x_grad).abs().max(),
                 "param_grad_err": max((local_grads[n] - g[rank * e_local:(rank + 1) * e_local]).abs().max()
                                       for n, g in ref_param_grads.items())}, f"{out_dir}/ep{rank}.pt")
+    dist.destroy_process_group()
+
+
+def accumulation_run(run_dir: str, grad_accum: int, world: int, rank: int) -> Trainer:
+    """A Trainer over tiny VQA batches: 2 steps of `grad_accum` micro-batches; this rank's slice of each global
+    micro-batch of 8 / grad_accum rows."""
+    cfg = RunConfig(train=TrainConfig(steps=2, batch_size=8 // grad_accum // world, grad_accum=grad_accum, log_every=1,
+                                      ckpt_every=100, distributed="ddp", precision="fp32"),
+                    # eps 1e-3: Adam's m / sqrt(v) on a near-zero gradient would turn the summation-order rounding
+                    # of 2 ranks vs 1 process into a full-size update; with eps it stays proportional to the gradient
+                    optim=OptimConfig(lr=1e-2, eps=1e-3, warmup_steps=1), run_dir=run_dir)
+    images, ids, targets = global_batch()
+    per = 8 // grad_accum
+    batches = []
+    for m in range(2 * grad_accum):  # the same 8 rows every step, cut into micro-batches, then into ranks
+        rows = slice((m % grad_accum) * per + rank * (per // world), (m % grad_accum) * per + (rank + 1) * (per // world))
+        batches.append({"images": images[rows], "text_ids": ids[rows], "targets": targets[rows]})
+    task = Task(tiny_vqa(moe=True), lambda epoch: batches,
+                lambda model, b: model(b["images"], b["text_ids"], None, b["targets"]), lambda b: 0)
+    return Trainer(task, cfg, DistInfo(rank, world))
+
+
+def accumulation_syncs_once_per_step(rank: int, world: int, port: int, out_dir: str) -> None:
+    """DDP through the Trainer: count gradient all-reduces with grad_accum 1 and 2; save the weights."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    init(rank, world, port)
+    calls = {}
+    for accum in (1, 2):
+        trainer = accumulation_run(f"{out_dir}/accum{accum}", accum, world, rank)
+        calls[accum] = 0
+
+        def counting(state, bucket, accum=accum):
+            calls[accum] += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(dist.group.WORLD, counting)
+        model = trainer.fit()
+        if rank == 0:
+            torch.save({"state": model.state_dict(), "calls": calls[accum]}, f"{out_dir}/accum{accum}.pt")
     dist.destroy_process_group()

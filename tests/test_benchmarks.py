@@ -4,6 +4,7 @@ timed after a warm-up that waits for page faults to stop; --breakdown sorts each
 from __future__ import annotations
 
 import importlib.util
+import math
 import mmap
 import re
 import subprocess
@@ -36,9 +37,9 @@ def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
               "torchscale X-MoE"]
     for routing in ("balanced", "skewed"):
         for layer in layers:
-            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\d+\.\d+)x \| [\d.-]+ \| \d+ \|$", out,
-                            re.M)
-            assert row and float(row.group(1)) > 0, f"{layer} {routing}:\n{out}"
+            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\S+)x \| [\d.-]+ \| \d+ \|$", out, re.M)
+            assert row, f"{layer} {routing}:\n{out}"
+            assert math.isfinite(float(row.group(1))) and float(row.group(1)) > 0, row.group(0)
 
 
 def test_bench_moe_breakdown_mode_and_glibc_default():
@@ -46,8 +47,11 @@ def test_bench_moe_breakdown_mode_and_glibc_default():
     assert "glibc default" in out.splitlines()[0]
     assert "| matmul | gather/scatter | activation | other | between ops | twin's matmul |" in out
     for layer in ("smoe", "smoe-swiglu", "xmoe", "mhmoe h=2", "mhmoe h=4", "cartesian"):  # six fractions a row
-        assert re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| \d+\.\d+x \| [\d.-]+(?: \| -?\d+\.\d+){{6}} \|$",
-                         out, re.M), f"{layer}:\n{out}"
+        row = re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| (\S+)x \| [\d.-]+((?: \| \S+){{6}}) \|$", out, re.M)
+        assert row, f"{layer}:\n{out}"
+        ratio, fractions = float(row.group(1)), [float(f) for f in row.group(2).split(" | ")[1:]]
+        assert math.isfinite(ratio) and ratio > 0, row.group(0)
+        assert all(math.isfinite(f) for f in fractions) and sum(fractions[:4]) > 0, row.group(0)
 
 
 class _Touch(torch.nn.Module):

@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
-from mm_moe.data.shards import PretrainDataConfig, pretrain_loader
+from mm_moe.data.shards import pretrain_loader
 from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
 from mm_moe.data.transforms import eval_transform
@@ -128,8 +129,8 @@ def test_pipeline_skips_and_counts_broken_samples(world, tok, tmp_path, workers)
     _add_broken_shard(shard_dir)
     good_in_truncated, partial_ok = _add_truncated_shard(shard_dir, shards[0])
     urls = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
-    cfg = PretrainDataConfig(img_size=32, patch_size=8, max_text_len=24, shuffle_buffer=10)
-    loader = pretrain_loader(urls, tok, cfg, batch_size=8, num_workers=workers)
+    model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
+    loader = pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=10), model, batch_size=8, num_workers=workers)
     n_samples, n_skipped = 0, 0
     for batch in loader:
         n_samples += len(batch["keys"])
@@ -146,13 +147,15 @@ def test_ranks_see_disjoint_shards_and_equal_batches(world, tok, monkeypatch):
     out, _ = world
     urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
     assert len(urls) >= 2
-    cfg = PretrainDataConfig(img_size=32, patch_size=8, max_text_len=24, shuffle_buffer=4)
+    model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
     keys, counts = [], []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        keys.append({k for b in pretrain_loader(urls, tok, cfg, batch_size=4) for k in b["keys"]})
-        counts.append(sum(1 for _ in pretrain_loader(urls, tok, cfg, batch_size=4, epoch_batches=5)))
+        keys.append({k for b in pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=4), model, batch_size=4)
+                     for k in b["keys"]})
+        resampled = PretrainDataConfig(shuffle_buffer=4, epoch_batches=5)
+        counts.append(sum(1 for _ in pretrain_loader(urls, tok, resampled, model, batch_size=4)))
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert counts == [5, 5]
 

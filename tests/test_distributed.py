@@ -38,3 +38,16 @@ def test_expert_parallel_matches_local_experts(tmp_path):
         errs = torch.load(tmp_path / f"ep{rank}.pt", weights_only=True)
         for key, err in errs.items():
             assert err < 1e-5, (rank, key, float(err))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tmp_path):
+    """Through the Trainer under DDP (2 gloo processes): with 2 micro-steps per step gradients are all-reduced
+    as often as with 1 (no_sync on the first), and the weights equal a single process's on the global batch."""
+    mp.spawn(dist_workers.accumulation_syncs_once_per_step, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / f"accum{a}.pt", weights_only=True) for a in (1, 2))
+    assert one["calls"] > 0 and two["calls"] == one["calls"]
+    torch.set_num_threads(1)
+    single = dist_workers.accumulation_run(str(tmp_path / "single"), 2, 1, 0).fit()
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(two["state"][name], value, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_moe.config import load_config
-from mm_moe.data.synthetic import write_world
+from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig, load_config
+from mm_moe.data import write_world
+from mm_moe.engine import Task, Trainer
 from mm_moe.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
-from mm_moe.engine.distributed import DistInfo
-from mm_moe.engine.optim import OptimConfig, build_optimizer, build_schedule, warmup_cosine
-from mm_moe.engine.trainer import TrainConfig, Trainer
-from mm_moe.model import BEiT3Config, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
+from mm_moe.engine.optim import build_optimizer, build_schedule, warmup_cosine
+from mm_moe.model import BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,16 +80,16 @@ def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def step(m, batch):
+    def loss_fn(m, batch):
         loss = m(batch["x"]).sum() * (float("nan") if batch["i"] == 2 else 1.0)
         return TaskOutput(loss, loss, torch.zeros(()), {}, {"task": loss})
 
     batches = [{"x": torch.ones(1, 2), "i": i} for i in range(5)]
-    trainer = Trainer(model, opt, build_schedule(opt, OptimConfig(warmup_steps=1), 5), lambda e: batches, step,
-                      TrainConfig(steps=5, log_every=1, ckpt_every=100), tmp_path, {}, DistInfo())
+    task = Task(torch.nn.Linear(2, 1), lambda epoch: batches, loss_fn, lambda b: 1)
+    cfg = RunConfig(train=TrainConfig(steps=5, log_every=1, ckpt_every=100), optim=OptimConfig(warmup_steps=1),
+                    run_dir=str(tmp_path))
+    trainer = Trainer(task, cfg)
+    assert (tmp_path / "config.yaml").is_file()  # the run folder is written by the trainer
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 3"):
         trainer.fit()
 
@@ -138,7 +137,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 _FAULTS_SCRIPT = """
 import resource, torch
-from mm_moe.engine.distributed import keep_freed_memory
+from mm_moe.engine import keep_freed_memory
 
 def faults():  # minor page faults of allocating, touching and freeing a 64 MB tensor
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

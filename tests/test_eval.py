@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
-from mm_moe.config import load_config
-from mm_moe.data.tokenizer import load_tokenizer
-from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions
-from mm_moe.eval.nlvr2 import nlvr2_metrics, write_predictions
-from mm_moe.model import BEiT3Config, BEiT3ForCaptioning
+from mm_moe.config import BEiT3Config, load_config
+from mm_moe.data import load_tokenizer
+from mm_moe.eval import BeamConfig, CaptionDecoder, nlvr2_metrics, score_captions, write_predictions
+from mm_moe.model import BEiT3ForCaptioning
 
 
 @pytest.fixture(scope="module")
@@ -40,53 +40,63 @@ def test_beam_search_with_cache_equals_without(tok, moe, beam):
         assert len(bigrams) == len(set(bigrams))
 
 
-def test_cached_step_logits_equal_full_forward(tok):
+def test_next_token_logits_equal_the_plain_forward(tok):
+    """The cached decode step (one new real token and a [MASK] per call) against the model's own forward over
+    image + text + [MASK] under the captioning mask, at every length."""
     torch.manual_seed(0)
-    model = BEiT3ForCaptioning(load_config(BEiT3Config, "configs/model/tiny.yaml", ["d_model=64", "heads=2"]))
-    dec_c, dec_f = CaptionDecoder(model, tok), CaptionDecoder(model, tok, use_cache=False)
+    model = BEiT3ForCaptioning(load_config(BEiT3Config, "configs/model/tiny.yaml", ["d_model=64", "heads=2"])).eval()
     images = torch.randn(2, 3, 64, 64)
-    ids = torch.tensor([[101, 1037, 2417, 4418, 2012]] * 2)
-    cache = dec_c._image_cache(images)
-    for t in range(1, ids.shape[1] + 1):
-        with torch.no_grad():
-            cached = dec_c._step_cached(ids[:, :t], cache)
-            full = dec_f._step_full(ids[:, :t], images)
-        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-5)
+    ids = torch.tensor([[101, 1037, 2417, 4418, 2012], [101, 2048, 2630, 7539, 1012]])
+    mask_id = tok.mask_token_id
+    with torch.no_grad():
+        cache = model.encode_image(images)
+        for t in range(1, ids.shape[1] + 1):
+            cached = model.next_token_logits(ids[:, :t], mask_id, cache=cache)
+            assert len(cache) == model.beit3.vision.num_patches + 1 + t  # the image, then every real token
+            text = torch.cat([ids[:, :t], torch.full_like(ids[:, :1], mask_id)], 1)
+            plain = model(images, text).logits[:, -1]  # labels=None: logits at every text position
+            torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(model.next_token_logits(ids[:, :t], mask_id, images=images), plain)
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer and METEOR need java")
-def test_caption_scores_equal_pycocoevalcap_scorers(tmp_path):
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+JAVA = pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer and METEOR need java")
 
-    gt = {"images": [{"id": i} for i in (1, 2, 3)], "type": "captions", "info": {}, "licenses": [],
-          "annotations": [{"image_id": 1, "id": 1, "caption": "A red circle at the top left."},
-                          {"image_id": 1, "id": 2, "caption": "a red circle in the top left corner"},
-                          {"image_id": 2, "id": 3, "caption": "Two shapes: a blue square and a green triangle."},
-                          {"image_id": 2, "id": 4, "caption": "a blue square next to a green triangle"},
-                          {"image_id": 3, "id": 5, "caption": "a yellow triangle at the bottom right."}]}
-    path = tmp_path / "gt.json"
-    path.write_text(json.dumps(gt))
-    results = [{"image_id": 1, "caption": "a red circle at the top left"},
-               {"image_id": 2, "caption": "a blue square and a green circle"},
-               {"image_id": 3, "caption": "a yellow triangle at the bottom right"}]
-    ours = score_captions(path, results)
-    # independent: the scorers on hand-tokenised text (lower case, punctuation dropped, as PTBTokenizer does)
-    def norm(s):
-        return " ".join(s.lower().replace(".", " ").replace(":", " ").split())
-    gts = {a["image_id"]: [] for a in gt["annotations"]}
-    for a in gt["annotations"]:
-        gts[a["image_id"]].append(norm(a["caption"]))
-    res = {r["image_id"]: [norm(r["caption"])] for r in results}
-    bleu, _ = Bleu(4).compute_score(gts, res)
-    for n in range(4):
-        assert ours[f"BLEU-{n + 1}"] == pytest.approx(bleu[n])
-    assert ours["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0])
-    assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
-    assert 0 < ours["METEOR"] < 1
-    # image 3 is an exact match: its own BLEU-1 is 1
-    assert Bleu(1).compute_score({3: gts[3]}, {3: res[3]})[0][0] == pytest.approx(1.0)
+
+def _coco_gt(path, refs: dict[int, list[str]]):
+    anns = [{"image_id": i, "id": n, "caption": c} for n, (i, c) in
+            enumerate((i, c) for i, caps in refs.items() for c in caps)]
+    path.write_text(json.dumps({"images": [{"id": i} for i in refs], "type": "captions", "info": {}, "licenses": [],
+                                "annotations": anns}))
+    return path
+
+
+@JAVA
+def test_caption_scores_equal_hand_computed_bleu_and_cider(tmp_path):
+    """Two images with one reference each and no n-gram in common between them (so every idf is log 2).
+
+    Image 1 is matched exactly; image 2's candidate "a red circle on top" against "a red circle on the top"
+    matches 5/5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 four-grams.
+    """
+    gt = _coco_gt(tmp_path / "gt.json", {1: ["Two blue squares here."], 2: ["A red circle on the top."]})
+    ours = score_captions(gt, [{"image_id": 1, "caption": "two blue squares here"},
+                               {"image_id": 2, "caption": "a red circle on top"}])
+    # corpus BLEU: clipped n-gram matches summed over images, brevity penalty exp(1 - r / c) with c = 9, r = 10
+    precisions = [(4 + 5) / (4 + 5), (3 + 3) / (3 + 4), (2 + 2) / (2 + 3), (1 + 1) / (1 + 2)]
+    bp = math.exp(1 - 10 / 9)
+    for n in range(1, 5):
+        assert ours[f"BLEU-{n}"] == pytest.approx(bp * math.prod(precisions[:n]) ** (1 / n), rel=1e-6)
+    # CIDEr-D: 10 x mean over n of clipped cosine similarity (idf is one constant here, so it cancels),
+    # times the length penalty exp(-(5 - 6)^2 / (2 * 6^2)); image 1 scores 10
+    cosines = [5 / math.sqrt(5 * 6), 3 / math.sqrt(4 * 5), 2 / math.sqrt(3 * 4), 1 / math.sqrt(2 * 3)]
+    image2 = 10 * math.exp(-1 / 72) * sum(cosines) / 4
+    assert ours["CIDEr"] == pytest.approx((10 + image2) / 2, rel=1e-6)
+    assert ours["ROUGE-L"] == pytest.approx((1 + _rouge_l(5, 6, 5)) / 2, rel=1e-6)
+
+
+def _rouge_l(cand: int, ref: int, lcs: int, beta: float = 1.2) -> float:
+    """ROUGE-L F-measure of one candidate/reference pair from their lengths and longest common subsequence."""
+    p, r = lcs / cand, lcs / ref
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
 def test_nlvr2_accuracy_and_consistency(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from mm_moe.config import FFNConfig, load_config
+from mm_moe.config import FFNConfig, load_config, moe_layer_ids
 from mm_moe.model import (
     BEiT3,
     BEiT3Config,
@@ -19,7 +19,6 @@ from mm_moe.model import (
     caption_mask,
     upcycle,
 )
-from mm_moe.model.encoder import moe_layer_ids
 from mm_moe.model.heads import normalized_pixel_target, patchify
 from mm_moe.moe.layers import MoELayer
 
@@ -176,7 +175,7 @@ def test_drop_path_and_layer_scale():
     torch.testing.assert_close(a, b)  # no drop path at eval
     model.train()
     assert not torch.allclose(model(images, ids, padding).hidden, a)
-    assert model.encoder.blocks[0].gamma_attn.eq(0.1).all()
+    assert model.encoder.blocks[0].ls_attn.gamma.eq(0.1).all()
 
 
 @pytest.mark.parametrize("shared", [False, True])

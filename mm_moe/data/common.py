@@ -1,4 +1,5 @@
-"""Helpers shared by the datasets: JSON reading with clear errors, image lookup and loading, padding."""
+"""Helpers shared by the datasets: JSON reading with clear errors, image lookup and loading, padding, and the
+deterministic per-epoch loader of the map-style datasets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mm_moe.data.transforms import seeded
 
@@ -83,3 +85,24 @@ def pad(seqs: list[list[int]], value: int) -> Tensor:
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order: distinct for every (run seed, epoch) pair."""
+    return seed * 100_003 + epoch
+
+
+def epoch_loader(ds: Dataset, batch_size: int, collate: Callable, *, seed: int, epoch: int, num_workers: int = 0,
+                 rank: int = 0, world: int = 1, shuffle: bool = True) -> DataLoader:
+    """A DataLoader whose order depends only on (seed, epoch): exact resume by skipping batches.
+
+    Under DDP every rank takes a disjoint stride of the same permutation (equal batch counts: the tail is dropped).
+    """
+    ds.set_epoch(seed, epoch)  # augmentation from (seed, epoch, index): exact after a resume, any worker count
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = list(RandomSampler(ds, generator=g)) if shuffle else list(range(len(ds)))
+    if world > 1:
+        per_rank = len(order) // world
+        order = order[rank * per_rank:(rank + 1) * per_rank]
+    return DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1), drop_last=shuffle)

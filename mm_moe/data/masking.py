@@ -1,4 +1,5 @@
-"""Masking for pretraining: BERT-style text MLM masking and BEiT block-wise image masking."""
+"""Masking: BERT-style text MLM masking and BEiT block-wise image masking (pretraining), caption masking
+(captioning fine-tuning)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import random
 
 import torch
 
+from mm_moe.constants import IGNORE_INDEX
+
 
 def mask_text(ids: list[int], *, special_ids: set[int], mask_id: int, vocab_size: int, rng: random.Random,
               prob: float = 0.15) -> tuple[list[int], list[int]]:
     """BERT masking: each non-special token is chosen with `prob` (at least one per text); a chosen token becomes
-    [MASK] 80% of the time, a random token 10%, itself 10%. Returns (input ids, labels with -100 where not chosen)."""
+    [MASK] 80% of the time, a random token 10%, itself 10%. Returns (input ids, labels: IGNORE_INDEX where not chosen)."""
     candidates = [i for i, t in enumerate(ids) if t not in special_ids]
     chosen = {i for i in candidates if rng.random() < prob}
     if candidates and not chosen:
         chosen = {rng.choice(candidates)}
-    inputs, labels = list(ids), [-100] * len(ids)
+    inputs, labels = list(ids), [IGNORE_INDEX] * len(ids)
     for i in chosen:
         labels[i] = ids[i]
         r = rng.random()
@@ -65,3 +68,16 @@ class BlockMasking:
                 break
             count += added
         return mask.flatten()
+
+
+def mask_caption(ids: torch.Tensor, padding: torch.Tensor, prob: float, mask_id: int, never: set[int],
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BEiT-3 captioning targets for ids Long[B, L]: each real token (not padding, not in `never`) is masked with
+    `prob`, at least one per caption. Returns (inputs with [MASK], labels: IGNORE_INDEX where not masked)."""
+    can = ~padding & ~torch.isin(ids, torch.tensor(sorted(never), device=ids.device))
+    chosen = (torch.rand(ids.shape, device=ids.device, generator=generator) < prob) & can
+    first = can.float().argmax(1)  # rows with nothing chosen get their first candidate
+    none = ~chosen.any(1)
+    chosen[none, first[none]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    return torch.where(chosen, torch.full_like(ids, mask_id), ids), labels

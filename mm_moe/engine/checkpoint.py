@@ -20,6 +20,8 @@ import yaml
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mm_moe.config import RunConfig, from_dict
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -107,8 +109,10 @@ def load_weights(model: nn.Module, ckpt: str | Path, strict: bool = True) -> tup
     return load_model(model, str(resolve_checkpoint(ckpt) / "model.safetensors"), strict=strict)
 
 
-def load_config_dict(ckpt: str | Path) -> dict:
-    return yaml.safe_load((resolve_checkpoint(ckpt) / "config.yaml").read_text())
+def load_run_config(ckpt: str | Path) -> RunConfig:
+    """The resolved RunConfig saved with a checkpoint (or a run's latest checkpoint)."""
+    path = resolve_checkpoint(ckpt) / "config.yaml"
+    return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:
@@ -116,3 +120,7 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training state (a weights-only checkpoint cannot be resumed)")
     return torch.load(path, weights_only=True)
+
+
+__all__ = ["save_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
+           "load_run_config", "load_state", "rng_state", "set_rng_state"]

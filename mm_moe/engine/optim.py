@@ -8,26 +8,15 @@ and the schedule (a LambdaLR) multiplies every group's initial lr, so the decay 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from mm_moe.config import OptimConfig
+
 # parameters that are biases or norm scales even when not 1-D (stacked per expert), or embeddings of the MoE router
 _NO_DECAY_SUFFIXES = (".b1", ".b2", ".b3", ".norm_w", ".norm_b", ".expert_emb")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0  # 1.0: off; BEiT-3 fine-tuning uses 0.65-0.9
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    clip_grad: float | None = 3.0
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -60,3 +49,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+__all__ = ["build_optimizer", "build_schedule", "warmup_cosine", "no_weight_decay_names"]

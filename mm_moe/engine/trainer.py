@@ -1,98 +1,89 @@
-"""One training loop for every task: AMP, gradient accumulation, clipping, warmup + cosine, EMA, logging,
-NaN detection, atomic checkpoints and exact resume.
+"""One training loop for every task: AMP, gradient accumulation (gradients synced on the last micro-step only),
+clipping, warmup + cosine, EMA, logging, NaN detection, atomic checkpoints and exact resume.
 
-A task supplies `loader(epoch)` (a deterministic iterable for that epoch) and `step(model, batch)` (a TaskOutput
-whose loss includes the MoE aux loss). Resume restores weights, optimizer, schedule, step, RNG states and the
-data position (epoch, batches consumed), then fast-forwards the epoch's loader to that batch.
+A `Task` supplies the model, `loader(epoch)` (a deterministic iterable for that epoch), `loss_fn(model, batch)`
+(a TaskOutput whose loss includes the MoE aux loss) and `tokens(batch)`. Resume restores weights, optimizer,
+schedule, step, RNG states and the data position (epoch, batches consumed), then fast-forwards the epoch's
+loader to that batch.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from mm_moe.config import RunConfig, to_dict
+from mm_moe.data.vqa import AnswerVocab
 from mm_moe.engine.checkpoint import latest_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
-from mm_moe.engine.distributed import DistInfo
-from mm_moe.moe import RoutingStats
+from mm_moe.engine.distributed import DistInfo, gradient_sync, wrap_model
+from mm_moe.engine.metrics import MetricsLogger, plot_curves
+from mm_moe.engine.optim import build_optimizer, build_schedule
+from mm_moe.model import TaskOutput
+from mm_moe.moe.parallel import shard_experts
+from mm_moe.moe.stats import mean_imbalance
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 32  # per process and micro-step
-    grad_accum: int = 1
-    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on a CUDA device that supports it, else fp32)
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 2
-    ema_decay: float | None = None
-    seed: int = 0
-    num_workers: int = 0
-    distributed: str = "ddp"  # none | ddp | fsdp2 (under torchrun)
-    expert_parallel: bool = False  # shard MoE experts over the ranks (all_to_all dispatch)
-    tensorboard: bool = False
+class Task:
+    """What the trainer needs of a task."""
+
+    model: nn.Module
+    """The bare model: trained (through its distributed wrapper), saved and returned."""
+    loader: Callable[[int], Iterable[dict]]
+    """Batches of one epoch, the same for the same epoch number."""
+    loss_fn: Callable[[nn.Module, dict], TaskOutput]
+    """Forward of one batch through the (wrapped) model; the output's loss includes the MoE aux loss."""
+    tokens: Callable[[dict], int]
+    """Tokens the encoder processes for a batch (throughput logging)."""
+    answer_vocab: AnswerVocab | None = None
+    """VQA: the answers the head predicts over (saved as run_dir/answers.json)."""
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of train.precision on `device` (None: fp32)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    raise ValueError(f"train.precision must be fp32, bf16 or auto, got {precision!r}")
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def batch_tokens(batch: dict, patch_size: int) -> int:
-    """Tokens the encoder processes for one pass over a batch: image patches + [CLS] and real text tokens."""
-    n = 0
-    for key in ("images", "images_left", "images_right"):
-        if key in batch:
-            n += batch[key].shape[0] * (1 + (batch[key].shape[-2] // patch_size) * (batch[key].shape[-1] // patch_size))
-    if "text_padding" in batch:
-        n += int((~batch["text_padding"]).sum())
-    return n
-
-
-def load_balance(stats: dict[str, RoutingStats]) -> float:
-    """Mean over MoE layers of max expert load / mean load (1.0 = balanced); nan without MoE layers."""
-    return sum(s.imbalance for s in stats.values()) / len(stats) if stats else float("nan")
-
-
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
-                 loader: Callable[[int], Iterable[dict]], step: Callable[[nn.Module, dict], Any], cfg: TrainConfig,
-                 run_dir: str | Path, config: dict, info: DistInfo, raw_model: nn.Module | None = None,
-                 clip_grad: float | None = None, patch_size: int = 16) -> None:
-        """`model` may be DDP-wrapped; `raw_model` is the bare module whose weights are saved (default: model)."""
-        self.clip_grad, self.patch_size = clip_grad, patch_size
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.loader, self.step_fn, self.cfg = loader, step, cfg
-        self.run_dir, self.config, self.info = Path(run_dir), config, info
-        self.raw = raw_model if raw_model is not None else model
-        self.amp = autocast_dtype(cfg.precision, info.device)
-        self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
-        self.step, self.epoch, self.batches_done = 0, 0, 0
-        self.tb = None
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+    """Trains `task.model` as `cfg` says, in `cfg.run_dir` (created with config.yaml by the main process)."""
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def __init__(self, task: Task, cfg: RunConfig, info: DistInfo | None = None) -> None:
+        self.task, self.cfg, self.train_cfg = task, cfg, cfg.train
+        self.info = info or DistInfo()
+        self.run_dir = Path(cfg.run_dir)
+        self.raw = task.model.to(self.info.device)
+        if cfg.train.expert_parallel and self.info.world_size > 1:
+            shard_experts(self.raw)
+        self.model = wrap_model(self.raw, cfg.train.distributed, self.info)
+        self.optimizer = build_optimizer(self.raw, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
+        self.amp = autocast_dtype(cfg.train.precision, self.info.device)
+        ema = cfg.train.ema_decay
+        self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.config = to_dict(cfg)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+            if task.answer_vocab is not None:
+                task.answer_vocab.save(self.run_dir / "answers.json")
+        self.metrics = MetricsLogger(self.run_dir, self.info.is_main, cfg.train.tensorboard)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -104,7 +95,7 @@ class Trainer:
 
     def save(self) -> None:
         if self.info.is_main:
-            save_checkpoint(self.run_dir, self.step, self.raw, self.config, self.state(), self.cfg.keep_last)
+            save_checkpoint(self.run_dir, self.step, self.raw, self.config, self.state(), self.train_cfg.keep_last)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -121,13 +112,14 @@ class Trainer:
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
         return True
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def _batches(self) -> Iterable[dict]:
+    def _batches(self) -> Iterator[dict]:
         """Batches from the current data position on, across epochs; keeps (epoch, batches_done) up to date."""
         while True:
-            it = iter(self.loader(self.epoch))
+            it = iter(self.task.loader(self.epoch))
             for _ in range(self.batches_done):  # fast-forward after a resume
                 next(it)
             for batch in it:
@@ -135,75 +127,76 @@ class Trainer:
                 yield batch
             self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def _log(self, record: dict) -> None:
-        if not self.info.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns this step's sums for logging."""
+        accum = self.train_cfg.grad_accum
+        sums = dict.fromkeys(("loss", "aux", "tokens", "skipped", "imbalance"), 0.0)
+        for micro in range(accum):
+            batch = to_device(next(batches), self.info.device)
+            with gradient_sync(self.model, micro == accum - 1), \
+                    torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out = self.task.loss_fn(self.model, batch)
+                if not torch.isfinite(out.loss):
+                    terms = {k: v.item() for k, v in out.losses.items()}
+                    raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step + 1} (losses {terms}, "
+                                             f"aux {out.aux_loss.item()}); stopping. Resume from "
+                                             f"{latest_checkpoint(self.run_dir)} with a lower lr")
+                (out.loss / accum).backward()
+            sums["loss"] += out.loss.item() / accum
+            sums["aux"] += out.aux_loss.item() / accum
+            sums["imbalance"] += mean_imbalance(out.stats) / accum
+            sums["tokens"] += self.task.tokens(batch)
+            sums["skipped"] += batch.get("num_skipped", 0)
+        sums["grad_norm"] = self._clip()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw)
+        self.step += 1
+        return sums
 
     def fit(self) -> nn.Module:
-        """Train to cfg.steps; returns the bare model (EMA weights copied in when EMA is on)."""
-        cfg = self.cfg
+        """Train to train.steps; returns the bare model (EMA weights copied in when EMA is on)."""
+        cfg = self.train_cfg
         self.model.train()
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.info.is_main, desc="train", dynamic_ncols=True)
-        acc = dict.fromkeys(("loss", "aux", "tokens", "skipped", "n", "balance"), 0.0)
-        t0 = time.perf_counter()
+        window: dict[str, float] = {}  # sums over the steps since the last record
+        steps_in_window, t0 = 0, time.perf_counter()
         while self.step < cfg.steps:
-            for _ in range(cfg.grad_accum):
-                batch = to_device(next(batches), self.info.device)
-                with torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    out = self.step_fn(self.model, batch)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    terms = {k: v.item() for k, v in out.losses.items()}
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step + 1} (losses {terms}, "
-                                             f"aux {out.aux_loss.item()}); stopping. Resume from "
-                                             f"{latest_checkpoint(self.run_dir)} with a lower lr")
-                (loss / cfg.grad_accum).backward()
-                acc["loss"] += loss.item() / cfg.grad_accum
-                acc["aux"] += out.aux_loss.item() / cfg.grad_accum
-                acc["tokens"] += batch_tokens(batch, self.patch_size)
-                acc["skipped"] += batch.get("num_skipped", 0)
-                acc["balance"] += load_balance(out.stats) / cfg.grad_accum
-            grad_norm = self._clip()
-            self.optimizer.step()
-            self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update_parameters(self.raw)
-            self.step += 1
-            acc["n"] += 1
+            sums = self.train_step(batches)
+            grad_norm = sums.pop("grad_norm")
+            window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
+            steps_in_window += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - t0
-                record = {"step": self.step, "loss": acc["loss"] / acc["n"], "aux_loss": acc["aux"] / acc["n"],
-                          "lr": self.optimizer.param_groups[-1]["lr"], "tokens_per_s": acc["tokens"] / elapsed,
-                          "load_imbalance": acc["balance"] / acc["n"], "skipped_samples": int(acc["skipped"])}
-                if grad_norm is not None:
+                record = {"step": self.step, "loss": window["loss"] / steps_in_window,
+                          "aux_loss": window["aux"] / steps_in_window, "lr": self.optimizer.param_groups[-1]["lr"],
+                          "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
+                          "load_imbalance": window["imbalance"] / steps_in_window,
+                          "skipped_samples": int(window["skipped"])}
+                if grad_norm == grad_norm:  # not nan: clipping is on
                     record["grad_norm"] = grad_norm
-                self._log(record)
+                self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", balance=f"{record['load_imbalance']:.2f}")
-                acc = dict.fromkeys(acc, 0.0)
-                t0 = time.perf_counter()
+                window, steps_in_window, t0 = {}, 0, time.perf_counter()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        self.metrics.close()
         if self.info.is_main:
-            from mm_moe.analysis import plot_curves  # matplotlib only when a run ends
-
             plot_curves(self.run_dir)
         if self.ema is not None:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw
 
-    def _clip(self) -> float | None:
-        """Clip the gradient norm to clip_grad (when set); returns the norm before clipping."""
-        if not self.clip_grad:
-            return None
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad))
+    def _clip(self) -> float:
+        """Clip the gradient norm to optim.clip_grad; returns the norm before clipping (nan when clipping is off)."""
+        if not self.cfg.optim.clip_grad:
+            return float("nan")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+
+
+__all__ = ["Task", "Trainer", "autocast_dtype", "to_device"]

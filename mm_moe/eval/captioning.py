@@ -1,9 +1,9 @@
 """Caption decoding (beam search over BEiT-3's masked-token captioning) and COCO caption scoring.
 
-Decoding: the text so far is followed by a [MASK] whose prediction is the next token. Under the captioning
-mask, image tokens attend only to the image and text causally, so with `use_cache` the image is encoded once
-(its keys/values in every layer are reused across steps and beams) and each step only runs the newest real
-token and the new [MASK]; without the cache every step re-encodes image and text (the reference).
+Decoding goes through the model's own API (`BEiT3ForCaptioning.encode_image` / `next_token_logits`): the text
+so far is followed by a [MASK] whose prediction is the next token. With `use_cache` each image is encoded
+once (its keys/values in every block are reused across steps and beams) and each step runs only the newest
+real token and the new [MASK]; without the cache every step re-encodes image and text (the reference).
 
 Scoring: pycocoevalcap's PTBTokenizer and the Bleu, Meteor, Rouge, Cider scorers called directly
 (COCOEvalCap.evaluate would download CoreNLP for SPICE); SPICE only when it can run.
@@ -11,7 +11,6 @@ Scoring: pycocoevalcap's PTBTokenizer and the Bleu, Meteor, Rouge, Cider scorers
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mm_moe.model import BEiT3ForCaptioning, caption_mask
+from mm_moe.model import BEiT3ForCaptioning, KVCache
 
 
 @dataclass
@@ -36,40 +35,11 @@ class CaptionDecoder:
 
     def __init__(self, model: BEiT3ForCaptioning, tokenizer: Any, cfg: BeamConfig | None = None, use_cache: bool = True):
         self.model, self.tok, self.cfg, self.use_cache = model.eval(), tokenizer, cfg or BeamConfig(), use_cache
-        self.n_img = model.beit3.vision.num_patches + 1
         self.banned = [i for i in tokenizer.all_special_ids if i != tokenizer.sep_token_id]
 
-    # --- next-token log-probabilities ----------------------------------------------------------------------
-    def _image_cache(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Keys/values of the image tokens in every block (image-only pass: what the captioning mask allows)."""
-        beit3 = self.model.beit3
-        x = beit3.vision(images)
-        cache = []
-        for block in beit3.encoder.blocks:
-            x, kv = block.cached(x, self.n_img, None, None)
-            cache.append(kv)
-        return cache
-
-    def _step_cached(self, ids: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Run [last real token, MASK] at positions t-1, t; append the real token's keys/values to `cache`."""
-        beit3 = self.model.beit3
-        t = ids.shape[1]
-        new = torch.stack([ids[:, -1], torch.full_like(ids[:, -1], self.tok.mask_token_id)], 1)
-        x = beit3.text(new, positions=torch.arange(t - 1, t + 1, device=ids.device))
-        past_len = cache[0][0].shape[2]
-        mask = torch.ones(2, past_len + 2, dtype=torch.bool, device=ids.device)
-        mask[0, -1] = False  # the real token does not see the [MASK] after it
-        for i, block in enumerate(beit3.encoder.blocks):
-            x, (k, v) = block.cached(x, 0, mask[None, None], cache[i])
-            cache[i] = (torch.cat([cache[i][0], k[:, :, :1]], 2), torch.cat([cache[i][1], v[:, :, :1]], 2))
-        h = beit3.encoder.norm(x[:, -1:], 0)
-        return self.model.head(h[:, 0]).float().log_softmax(-1)
-
-    def _step_full(self, ids: Tensor, images: Tensor) -> Tensor:
-        masked = torch.cat([ids, torch.full_like(ids[:, :1], self.tok.mask_token_id)], 1)
-        mask = caption_mask(self.n_img, masked.shape[1], ids.device)
-        hidden = self.model.beit3(images, masked, attn_mask=mask).hidden
-        return self.model.head(hidden[:, -1]).float().log_softmax(-1)
+    def _next_logp(self, ids: Tensor, cache: KVCache | None, images: Tensor) -> Tensor:
+        logits = self.model.next_token_logits(ids, self.tok.mask_token_id, cache=cache, images=images)
+        return logits.float().log_softmax(-1)
 
     # --- beam search -----------------------------------------------------------------------------------------
     def _ban_repeats(self, logp: Tensor, ids: Tensor) -> None:
@@ -91,11 +61,10 @@ class CaptionDecoder:
         scores = torch.zeros(b, k, device=dev)
         scores[:, 1:] = -float("inf")  # all beams start identical: expand only the first
         beam_images = images.repeat_interleave(k, 0)
-        cache = [(kk.repeat_interleave(k, 0), vv.repeat_interleave(k, 0)) for kk, vv in self._image_cache(images)] \
-            if self.use_cache else None
+        cache = self.model.encode_image(images).repeat_interleave(k) if self.use_cache else None
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
         for step in range(cfg.max_len):
-            logp = self._step_cached(ids, cache) if cache is not None else self._step_full(ids, beam_images)
+            logp = self._next_logp(ids, cache, beam_images)
             logp[:, self.banned] = -float("inf")
             if step < cfg.min_len:
                 logp[:, self.tok.sep_token_id] = -float("inf")
@@ -130,7 +99,7 @@ class CaptionDecoder:
             ids = torch.cat([ids[origin_t], torch.tensor(next_ids, device=dev)[:, None]], 1)
             scores = torch.tensor(next_scores, device=dev).reshape(b, k)
             if cache is not None:
-                cache = [(kk[origin_t], vv[origin_t]) for kk, vv in cache]
+                cache = cache.select(origin_t)
         return [max(f, key=lambda s: s[0])[1] if f else [] for f in finished]
 
     def captions(self, images: Tensor) -> list[str]:
@@ -174,8 +143,4 @@ def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = F
     return out
 
 
-def write_results(path: str | Path, image_ids: list[int], captions: list[str]) -> list[dict]:
-    """Write and return COCO caption results: [{"image_id", "caption"}], one per image."""
-    results = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
-    Path(path).write_text(json.dumps(results))
-    return results
+__all__ = ["BeamConfig", "CaptionDecoder", "score_captions"]

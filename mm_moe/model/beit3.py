@@ -4,38 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from mm_moe.config import FFNConfig
+from mm_moe.config import BEiT3Config, FFNConfig
 from mm_moe.model.embed import TextEmbedding, VisionEmbedding
-from mm_moe.model.encoder import Encoder, EncoderOutput
+from mm_moe.model.encoder import Encoder, EncoderOutput, KVCache
 from mm_moe.moe.layers import CartesianMoE, DenseFFN, MHMoE, SparseMoE
-
-
-@dataclass
-class BEiT3Config:
-    """Model shape; the defaults are BEiT-3 base (12 x 768, 12 heads, FFN 3072, 224px / 16)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    vocab_size: int = 30522
-    max_text_len: int = 64
-    d_model: int = 768
-    depth: int = 12
-    heads: int = 12
-    ffn: FFNConfig = field(default_factory=lambda: FFNConfig(kind="dense", hidden=3072, subln=True))
-    moe: FFNConfig | None = None
-    moe_layers: str = "none"  # none | all | every_other | top<N>
-    moe_shared_branches: bool = False  # one MoE for both modalities instead of a V and an L MoE
-    subln: bool = True
-    drop_path: float = 0.0
-    layer_scale: float | None = None
-    grad_checkpointing: bool = False
-    eps: float = 1e-5
 
 
 def beit3_group_matcher(prefix: str) -> dict:
@@ -109,6 +85,20 @@ class BEiT3(nn.Module):
         if attn_mask is not None:
             mask = attn_mask[None, None] if mask is None else mask & attn_mask[None, None]
         return self.encoder(x, split, mask, padding)
+
+    def encode_image(self, images: Tensor) -> KVCache:
+        """Encode images alone and keep every block's keys/values of their tokens. Under the captioning mask image
+        tokens attend only to the image, so text decoded afterwards (`decode_step`) reuses them unchanged."""
+        x = self.vision(images)
+        cache = KVCache(self.cfg.depth)
+        self.encoder(x, x.shape[1], cache=cache)
+        return cache
+
+    def decode_step(self, text_ids: Tensor, positions: Tensor, cache: KVCache, attn_mask: Tensor, keep: int) -> Tensor:
+        """Hidden states [B, n, d] of n new text tokens at `positions` that attend to the cached tokens and to each
+        other as attn_mask Bool[n, cached + n] allows (True: may attend); the first `keep` join the cache."""
+        cache.keep = keep
+        return self.encoder(self.text(text_ids, positions=positions), 0, attn_mask[None, None], cache=cache).hidden
 
     @classmethod
     def from_torchscale(cls, state_dict: dict[str, Tensor], cfg: BEiT3Config) -> BEiT3:

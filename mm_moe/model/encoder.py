@@ -1,8 +1,13 @@
 """Multiway Transformer encoder: shared attention over [vision | text] with modality-specific projections,
-norms and FFN branches (pre-LN, sub-LN as in torchscale BEiT-3); collects MoE aux losses and routing stats."""
+norms and FFN branches (pre-LN, sub-LN as in torchscale BEiT-3); collects MoE aux losses and routing stats.
+
+One code path for training and cached decoding: a block given a `KVCache` attends to the cached keys/values
+of earlier tokens as well as to its own tokens, and appends what the cache keeps.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +16,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mm_moe.config import FFNConfig
+from mm_moe.config import FFNConfig, moe_layer_ids
 from mm_moe.model.multiway import Multiway
 from mm_moe.moe import RoutingStats, build_ffn
 from mm_moe.moe.layers import MoELayer
@@ -25,6 +30,58 @@ class EncoderOutput:
     split: int = 0  # number of vision tokens at the start of the sequence
 
 
+class KVCache:
+    """Keys/values [B, heads, N, d_head] of every block for the tokens decoded so far (inference only).
+
+    At each call a block attends to the cached keys/values plus those of its new tokens; the first `keep` new
+    tokens (all when None) are appended to the cache, the rest (e.g. a [MASK] query) are not.
+    """
+
+    def __init__(self, depth: int, keep: int | None = None) -> None:
+        self.keys: list[Tensor | None] = [None] * depth
+        self.values: list[Tensor | None] = [None] * depth
+        self.keep = keep
+
+    def __len__(self) -> int:
+        """Cached tokens (of the last block, which every call updates last)."""
+        return 0 if self.keys[-1] is None else self.keys[-1].shape[2]
+
+    def update(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """Past plus new keys/values of `layer` (to attend to); stores past plus the first `keep` new ones."""
+        past_k, past_v = self.keys[layer], self.values[layer]
+        past = 0 if past_k is None else past_k.shape[2]
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        stop = k.shape[2] if self.keep is None else past + self.keep
+        self.keys[layer], self.values[layer] = k[:, :, :stop], v[:, :, :stop]
+        return k, v
+
+    def repeat_interleave(self, n: int) -> KVCache:
+        """Each batch row repeated n times (one copy per beam)."""
+        return self._map(lambda t: t.repeat_interleave(n, 0))
+
+    def select(self, rows: Tensor) -> KVCache:
+        """The cache of batch rows `rows` (the beams that survive a step)."""
+        return self._map(lambda t: t[rows])
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> KVCache:
+        out = KVCache(len(self.keys), self.keep)
+        out.keys = [None if t is None else fn(t) for t in self.keys]
+        out.values = [None if t is None else fn(t) for t in self.values]
+        return out
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT / BEiT-3 layer scale)."""
+
+    def __init__(self, d: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gamma * x
+
+
 def _linear(d_in: int, d_out: int) -> Multiway:
     return Multiway(nn.Linear(d_in, d_out), nn.Linear(d_in, d_out))
 
@@ -36,81 +93,48 @@ def _norm(d: int, eps: float) -> Multiway:
 class Attention(nn.Module):
     """Self-attention over the whole sequence; q/k/v/out projections and the sub-LN are per modality."""
 
-    def __init__(self, d_model: int, heads: int, subln: bool = True, eps: float = 1e-5) -> None:
+    def __init__(self, d_model: int, heads: int, subln: bool = True, eps: float = 1e-5, layer_idx: int = 0) -> None:
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model={d_model} must be divisible by heads={heads}")
         self.heads = heads
+        self.layer_idx = layer_idx  # this block's slot in a KVCache
         self.q, self.k, self.v, self.out = (_linear(d_model, d_model) for _ in range(4))
-        self.inner_norm = _norm(d_model, eps) if subln else None
+        self.inner_norm = _norm(d_model, eps) if subln else Multiway(nn.Identity())
 
-    def project_kv(self, x: Tensor, split: int) -> tuple[Tensor, Tensor]:
-        """Keys and values [B, heads, N, d_head] of x (reused by cached decoding)."""
+    def forward(self, x: Tensor, split: int, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """x[B, N, d]; mask Bool[B or 1, 1, N, N_kv] (True: may attend); with a cache, x attends to the cached
+        keys/values before its own (N_kv = cached + N)."""
         b, n, d = x.shape
-        k = self.k(x, split).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-        v = self.v(x, split).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-        return k, v
-
-    def forward(self, x: Tensor, split: int, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x[B, N, d]; mask Bool[B or 1, 1, N, N_kv] (True: may attend); kv: keys/values to use instead of x's own."""
-        b, n, d = x.shape
-        q = self.q(x, split).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-        k, v = self.project_kv(x, split) if kv is None else kv
+        q, k, v = (proj(x, split).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for proj in (self.q, self.k, self.v))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, N, d_head]
-        y = y.transpose(1, 2).reshape(b, n, d)
-        if self.inner_norm is not None:
-            y = self.inner_norm(y, split)
-        return self.out(y, split)
+        return self.out(self.inner_norm(y.transpose(1, 2).reshape(b, n, d), split), split)
 
 
 class Block(nn.Module):
-    """Pre-LN block: x + drop_path(gamma1 * attn(LN(x))); x + drop_path(gamma2 * ffn(LN(x)))."""
+    """Pre-LN block: x + drop_path(ls1(attn(LN(x)))); x + drop_path(ls2(ffn(LN(x))))."""
 
     def __init__(self, d_model: int, heads: int, ffn_v: FFNConfig, ffn_l: FFNConfig | None, *, subln: bool = True,
-                 drop_path: float = 0.0, layer_scale: float | None = None, eps: float = 1e-5) -> None:
+                 drop_path: float = 0.0, layer_scale: float | None = None, eps: float = 1e-5, layer_idx: int = 0) -> None:
         """ffn_l None: one FFN shared by both modalities; `subln` applies to attention (the FFN config has its own)."""
         super().__init__()
         self.attn_norm = _norm(d_model, eps)
-        self.attn = Attention(d_model, heads, subln, eps)
+        self.attn = Attention(d_model, heads, subln, eps, layer_idx)
         self.ffn = Multiway(build_ffn(ffn_v, d_model), build_ffn(ffn_l, d_model) if ffn_l is not None else None)
-        self.ffn_norm = None if self.ffn.v.owns_residual_norm else _norm(d_model, eps)
+        # a layer that owns its residual norm (CartesianMoE) gets the un-normalised stream
+        self.ffn_norm = Multiway(nn.Identity()) if self.ffn.v.owns_residual_norm else _norm(d_model, eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.gamma_attn = nn.Parameter(torch.full((d_model,), layer_scale)) if layer_scale else None
-        self.gamma_ffn = nn.Parameter(torch.full((d_model,), layer_scale)) if layer_scale else None
+        self.ls_attn = LayerScale(d_model, layer_scale) if layer_scale else nn.Identity()
+        self.ls_ffn = LayerScale(d_model, layer_scale) if layer_scale else nn.Identity()
 
-    def cached(self, x: Tensor, split: int, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
-               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Inference step over new tokens x that attend to `past` keys/values plus themselves (as `mask` allows).
-
-        Returns the block output and x's own keys/values, for the caller to cache. Same math as forward().
-        """
-        h = self.attn_norm(x, split)
-        k, v = self.attn.project_kv(h, split)
-        kv = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        y = self.attn(h, split, mask, kv=kv)
-        x = x + (y if self.gamma_attn is None else self.gamma_attn * y)
-        y = self.ffn(x if self.ffn_norm is None else self.ffn_norm(x, split), split, padding_mask=None)
-        return x + (y if self.gamma_ffn is None else self.gamma_ffn * y), (k, v)
-
-    def forward(self, x: Tensor, split: int, mask: Tensor | None, padding_mask: Tensor | None) -> Tensor:
-        y = self.attn(self.attn_norm(x, split), split, mask)
-        x = x + self.drop_path(y if self.gamma_attn is None else self.gamma_attn * y)
-        h = x if self.ffn_norm is None else self.ffn_norm(x, split)
-        y = self.ffn(h, split, padding_mask=padding_mask)
-        return x + self.drop_path(y if self.gamma_ffn is None else self.gamma_ffn * y)
-
-
-def moe_layer_ids(depth: int, placement: str) -> set[int]:
-    """Which layers get MoE FFNs: "none", "all", "every_other" (layers 1, 3, 5, ...), or "top<N>" (the last N)."""
-    if placement == "none":
-        return set()
-    if placement == "all":
-        return set(range(depth))
-    if placement == "every_other":
-        return set(range(1, depth, 2))
-    if placement.startswith("top") and placement[3:].isdigit() and 0 < int(placement[3:]) <= depth:
-        return set(range(depth - int(placement[3:]), depth))
-    raise ValueError(f"moe_layers must be none, all, every_other or top<N> with N <= depth={depth}, got {placement!r}")
+    def forward(self, x: Tensor, split: int, mask: Tensor | None, padding_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """x[B, N, d]; see Encoder.forward. With `cache`, x are new tokens that also attend to the cached ones."""
+        x = x + self.drop_path(self.ls_attn(self.attn(self.attn_norm(x, split), split, mask, cache)))
+        return x + self.drop_path(self.ls_ffn(self.ffn(self.ffn_norm(x, split), split, padding_mask=padding_mask)))
 
 
 class Encoder(nn.Module):
@@ -128,7 +152,7 @@ class Encoder(nn.Module):
             shared = i in moe_ids and moe_shared_branches
             rate = drop_path * i / max(depth - 1, 1)
             self.blocks.append(Block(d_model, heads, cfg, None if shared else cfg, subln=subln, drop_path=rate,
-                                     layer_scale=layer_scale, eps=eps))
+                                     layer_scale=layer_scale, eps=eps, layer_idx=i))
         self.norm = _norm(d_model, eps)
         self.grad_checkpointing = grad_checkpointing
 
@@ -136,8 +160,10 @@ class Encoder(nn.Module):
         """Every MoE FFN module by name."""
         return {n: m for n, m in self.named_modules() if isinstance(m, MoELayer)}
 
-    def forward(self, x: Tensor, split: int, mask: Tensor | None = None, padding_mask: Tensor | None = None) -> EncoderOutput:
-        """x[B, N, d] embeddings; mask Bool[B or 1, 1, N, N] (True: may attend); padding_mask Bool[B, N] (True: pad)."""
+    def forward(self, x: Tensor, split: int, mask: Tensor | None = None, padding_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> EncoderOutput:
+        """x[B, N, d] embeddings; mask Bool[B or 1, 1, N, N_kv] (True: may attend); padding_mask Bool[B, N]
+        (True: pad); cache: keys/values of earlier tokens that x attends to as well (inference)."""
         moe = self.moe_layers()
         for m in moe.values():  # a branch that sees no tokens this time must not report stale values
             m.aux_loss, m.last_stats = x.new_zeros((), dtype=torch.float32), None
@@ -145,7 +171,7 @@ class Encoder(nn.Module):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, split, mask, padding_mask, use_reentrant=False)
             else:
-                x = block(x, split, mask, padding_mask)
+                x = block(x, split, mask, padding_mask, cache)
         aux = sum((m.aux_loss for m in moe.values()), x.new_zeros((), dtype=torch.float32))
         stats = {n: m.last_stats for n, m in moe.items() if m.last_stats is not None}
         return EncoderOutput(self.norm(x, split), aux, stats, split)

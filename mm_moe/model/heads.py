@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm_moe.model.beit3 import BEiT3, BEiT3Config, beit3_group_matcher, caption_mask
+from mm_moe.config import BEiT3Config
+from mm_moe.constants import IGNORE_INDEX
+from mm_moe.model.beit3 import BEiT3, beit3_group_matcher, caption_mask
+from mm_moe.model.encoder import KVCache
 from mm_moe.moe import RoutingStats
 
 
@@ -39,11 +42,11 @@ def _init(module: nn.Module) -> None:
 
 
 def _labelled_logits(head: nn.Module, hidden: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Head logits at the positions with a label (-100: none) and their cross-entropy; without labels, logits at
-    every position and no loss. Projecting only the labelled tokens keeps the vocabulary matmul small."""
+    """Head logits at the positions with a label (IGNORE_INDEX: none) and their cross-entropy; without labels,
+    logits at every position and no loss. Projecting only the labelled tokens keeps the vocabulary matmul small."""
     if labels is None:
         return head(hidden), None
-    chosen = labels != -100
+    chosen = labels != IGNORE_INDEX
     logits = head(hidden[chosen])
     return logits, F.cross_entropy(logits.float(), labels[chosen])
 
@@ -157,7 +160,7 @@ class BEiT3ForPretraining(TaskModel):
 
     def forward(self, images: Tensor | None = None, text_ids: Tensor | None = None, text_padding: Tensor | None = None,
                 patch_mask: Tensor | None = None, mlm_labels: Tensor | None = None) -> TaskOutput:
-        """mlm_labels Long[B, L] with -100 where no prediction is wanted; patch_mask marks patches to reconstruct.
+        """mlm_labels Long[B, L] with IGNORE_INDEX where no prediction is wanted; patch_mask marks patches to reconstruct.
 
         With mlm_labels, logits are computed at the labelled positions only ([M, vocab], row-major order):
         the vocabulary projection of every token would dominate the cost of a small model.
@@ -232,7 +235,7 @@ class BEiT3ForCaptioning(TaskModel):
 
     def forward(self, images: Tensor, text_ids: Tensor, text_padding: Tensor | None = None,
                 labels: Tensor | None = None) -> TaskOutput:
-        """text_ids contain [MASK] where labels (Long[B, L], -100 elsewhere) ask for the original token.
+        """text_ids contain [MASK] where labels (Long[B, L], IGNORE_INDEX elsewhere) ask for the original token.
 
         With labels, logits are computed at the labelled positions only ([M, vocab], row-major order).
         """
@@ -241,6 +244,31 @@ class BEiT3ForCaptioning(TaskModel):
         out = self.beit3(images, text_ids, text_padding, attn_mask=mask)
         logits, loss = _labelled_logits(self.head, out.hidden[:, out.split:], labels)
         return _output(logits, {} if loss is None else {"caption": loss}, out.aux_loss, out.stats)
+
+    def encode_image(self, images: Tensor) -> KVCache:
+        """The images' keys/values in every block, for `next_token_logits` (encode each image once)."""
+        return self.beit3.encode_image(images)
+
+    def next_token_logits(self, ids: Tensor, mask_id: int, *, cache: KVCache | None = None,
+                          images: Tensor | None = None) -> Tensor:
+        """Logits [B, vocab] of the token after ids Long[B, t]: BEiT-3 predicts it at a [MASK] placed after the text.
+
+        With `cache` (from `encode_image`, holding the image and ids[:, :-1]) only ids[:, -1] and the [MASK] run,
+        and ids[:, -1] joins the cache; with `images` the image and all of ids are encoded again (the reference).
+        """
+        t = ids.shape[1]
+        query = torch.full_like(ids[:, :1], mask_id)
+        if cache is None:
+            if images is None:
+                raise ValueError("next_token_logits needs a cache (from encode_image) or the images")
+            text = torch.cat([ids, query], 1)
+            mask = caption_mask(self.beit3.vision.num_patches + 1, t + 1, ids.device)
+            return self.head(self.beit3(images, text, attn_mask=mask).hidden[:, -1])
+        mask = torch.ones(2, len(cache) + 2, dtype=torch.bool, device=ids.device)
+        mask[0, -1] = False  # the newest real token does not see the [MASK] after it
+        hidden = self.beit3.decode_step(torch.cat([ids[:, -1:], query], 1), torch.arange(t - 1, t + 1, device=ids.device),
+                                        cache, mask, keep=1)
+        return self.head(hidden[:, -1])
 
 
 def _output(logits: Tensor, losses: dict[str, Tensor], aux: Tensor, stats: dict[str, RoutingStats]) -> TaskOutput:

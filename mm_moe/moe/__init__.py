@@ -1,14 +1,17 @@
-"""The MoE library, usable on its own: routers, grouped experts, MoE layers, stats and parity helpers."""
+"""The MoE library, usable on its own: routers, grouped experts, MoE layers, stats, parity helpers and
+expert parallelism."""
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe.experts import GroupedExperts
-from mm_moe.moe.layers import CartesianMoE, DenseFFN, MHMoE, SparseMoE, build_ffn
+from mm_moe.moe.layers import CartesianMoE, DenseFFN, MHMoE, MoELayer, SparseMoE, build_ffn
+from mm_moe.moe.parallel import ExpertParallelExperts, shard_experts
 from mm_moe.moe.parity import FFNCost, cartesian_matched, ffn_cost, mhmoe_matched
-from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, z_loss
-from mm_moe.moe.stats import RoutingStats
+from mm_moe.moe.routing import Router, RouterOutput, TopKRouter, XMoERouter, balance_loss, z_loss
+from mm_moe.moe.stats import RoutingStats, activation_ratio, mean_imbalance, merge_stats
 
 __all__ = [
-    "FFNConfig", "GroupedExperts", "DenseFFN", "SparseMoE", "MHMoE", "CartesianMoE", "build_ffn",
-    "FFNCost", "ffn_cost", "mhmoe_matched", "cartesian_matched",
-    "RouterOutput", "TopKRouter", "XMoERouter", "balance_loss", "z_loss", "RoutingStats",
+    "FFNConfig", "GroupedExperts", "DenseFFN", "MoELayer", "SparseMoE", "MHMoE", "CartesianMoE", "build_ffn",
+    "FFNCost", "ffn_cost", "mhmoe_matched", "cartesian_matched", "ExpertParallelExperts", "shard_experts",
+    "Router", "RouterOutput", "TopKRouter", "XMoERouter", "balance_loss", "z_loss",
+    "RoutingStats", "activation_ratio", "merge_stats", "mean_imbalance",
 ]

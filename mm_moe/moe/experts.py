@@ -9,13 +9,13 @@ indexed per expert inside a loop: that would build a full-size gradient for ever
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Activation = Literal["gelu", "swiglu"]
+from mm_moe.config import Activation, DispatchMode
 
 
 def activate(h: Tensor, gate: Tensor | None) -> Tensor:
@@ -65,7 +65,7 @@ class GroupedExperts(nn.Module):
         *,
         bias: bool = False,
         subln: bool = False,
-        dispatch: Literal["auto", "grouped_mm", "loop"] = "auto",
+        dispatch: DispatchMode = "auto",
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "swiglu"):

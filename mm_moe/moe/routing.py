@@ -126,25 +126,31 @@ class TopKRouter(Router):
         return F.linear(x, self.proj.weight.float())
 
 
+XMOE_EMB_INIT_GAIN = 0.32
+"""Orthogonal-init gain of the X-MoE expert embeddings (torchscale / MH-MoE official code)."""
+XMOE_EMB_NORM = 1.5
+"""Norm the X-MoE expert embeddings are kept at during training (torchscale / MH-MoE official code)."""
+
+
 class XMoERouter(Router):
     """X-MoE router as in the official MH-MoE / torchscale code.
 
     Tokens are projected to a `router_dim`-dim space; logits are dot products with L2-normalised
-    expert embeddings, which are kept at norm 1.5 (renormalised in place at each training forward).
+    expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each training forward).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, router_dim: int = 16, **kwargs) -> None:
         super().__init__(num_experts, top_k, **kwargs)
         self.reduction = nn.Linear(d_model, router_dim, bias=False)
         self.expert_emb = nn.Parameter(torch.empty(num_experts, router_dim))
-        nn.init.orthogonal_(self.expert_emb, gain=0.32)
+        nn.init.orthogonal_(self.expert_emb, gain=XMOE_EMB_INIT_GAIN)
 
     def score(self, x: Tensor) -> Tensor:
         if self.training:
             with torch.no_grad():
                 # .data: keep autograd's version counter, so a graph built by an earlier forward stays valid
                 emb = self.expert_emb.data
-                emb.mul_(1.5 / emb.norm(dim=1, keepdim=True))
+                emb.mul_(XMOE_EMB_NORM / emb.norm(dim=1, keepdim=True))
         reduced = F.linear(x, self.reduction.weight.float())  # [T, r]
         return reduced @ F.normalize(self.expert_emb.float(), dim=1, eps=1e-4).t()  # [T, E]
 

@@ -122,3 +122,11 @@ def activation_ratio(layers: list[RoutingStats], threshold: float = 0.01) -> flo
 def merge_stats(total: dict[str, RoutingStats], new: dict[str, RoutingStats]) -> dict[str, RoutingStats]:
     """Per-layer stats of one more batch (`new`, as models return them) added into a running `total`."""
     return {k: total[k].merge(s) if k in total else s for k, s in new.items()}
+
+
+def mean_imbalance(stats: dict[str, RoutingStats]) -> float:
+    """Mean over MoE layers of max expert load / mean load (1.0 = balanced); nan without MoE layers."""
+    return sum(s.imbalance for s in stats.values()) / len(stats) if stats else float("nan")
+
+
+__all__ = ["RoutingStats", "activation_ratio", "merge_stats", "mean_imbalance"]

@@ -1,0 +1,83 @@
+"""Metric logging of a run (run_dir/metrics.jsonl, optionally TensorBoard) and its curves (curves.png)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends one JSON record per logged step to run_dir/metrics.jsonl (and TensorBoard when asked).
+
+    Only the main process writes (`enabled`). After a resume, `truncate_after(step)` drops the records of the
+    steps that the resumed run is about to repeat, so every step appears once.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ModuleNotFoundError as err:
+                raise ModuleNotFoundError("train.tensorboard=true needs the tensorboard package: "
+                                          "pip install 'mm_moe[tensorboard]'") from err
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        """Write one record; it must hold "step"."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (written before a kill, about to be recomputed)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """The records of a run's metrics.jsonl by step (the last record wins if a step repeats)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+
+
+def plot_curves(run_dir: str | Path) -> Path | None:
+    """run_dir/curves.png: loss, aux loss and expert load imbalance over steps (None without metrics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    steps = sorted(records)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in zip(axes, ("loss", "aux_loss", "load_imbalance"),
+                              ("loss (task + aux)", "MoE aux loss", "load imbalance (max / mean load)"), strict=True):
+        ax.plot(steps, [records[s].get(key, float("nan")) for s in steps])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves"]
