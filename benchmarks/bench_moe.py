@@ -41,8 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.engine import keep_freed_memory
-from mm_moe.moe import build_ffn, ffn_cost
-from mm_moe.moe.routing import Router
+from mm_moe.moe import Router, build_ffn, ffn_cost
 
 
 @dataclass

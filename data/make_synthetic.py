@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from mm_moe.data.synthetic import write_world
+from mm_moe.data import write_world
 
 
 def main(argv: list[str] | None = None) -> int:
