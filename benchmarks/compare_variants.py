@@ -28,6 +28,7 @@ import train_mm
 from mm_moe.analysis import analyze
 from mm_moe.config import BEiT3Config, load_config
 from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
+from mm_moe.engine import read_metrics
 from mm_moe.inference import load_pretraining_model
 
 
@@ -76,7 +77,7 @@ def main() -> None:
                            *(f"{k}={v}" for k, v in files.items() if k.startswith("data.vqa_"))])
         model, _ = load_pretraining_model(run / "pretrain")
         report = analyze(model, heldout, run / "analysis")
-        metrics = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [r for _, r in sorted(read_metrics(run / "pretrain").items())]
         tok_s = statistics.median(r["tokens_per_s"] for r in metrics[1:]) if len(metrics) > 1 else float("nan")
         vqa = json.loads((run / "vqa" / "eval.json").read_text())["vqa_val_accuracy"]
         rows.append((name, sum(p.numel() for p in model.parameters()) / 1e6, report["mlm_loss"], vqa,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,10 +44,10 @@ class Range:
 
     def violated(self, value: float) -> str | None:
         """A description of the bound `value` breaks, or None."""
-        for bound, op, ok in ((self.ge, ">=", lambda b: value >= b), (self.gt, ">", lambda b: value > b),
-                              (self.le, "<=", lambda b: value <= b), (self.lt, "<", lambda b: value < b)):
-            if bound is not None and not ok(bound):
-                return f"{op} {bound:g}"
+        for bound, name, holds in ((self.ge, ">=", operator.ge), (self.gt, ">", operator.gt),
+                                   (self.le, "<=", operator.le), (self.lt, "<", operator.lt)):
+            if bound is not None and not holds(value, bound):
+                return f"{name} {bound:g}"
         return None
 
 
@@ -355,31 +356,38 @@ def _mismatch(where: str, tp: Any, value: Any, detail: str = "") -> ConfigError:
     return err
 
 
+def _restated(err: ConfigError, where: str, tp: Any, value: Any) -> ConfigError:
+    """A mismatch at `where` restated with the fuller type `tp`; an error inside a nested section as it is."""
+    return _mismatch(where, tp, value, err.detail) if getattr(err, "at", None) == where else err
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """`value` checked (and numbers converted) against annotation `tp`; ConfigError naming `where` otherwise."""
     origin = typing.get_origin(tp)
-    if origin is Annotated or origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if origin is not Annotated and value is None and type(None) in args:
-            return None
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
         try:
-            if origin is Annotated:
-                out = _coerce(value, args[0], where)
-                for bound in (m for m in args[1:] if isinstance(m, Range)):
-                    if (broken := bound.violated(out)) is not None:
-                        raise _mismatch(where, tp, value, f" (not {broken})")
-                return out
-            members = [a for a in args if a is not type(None)]
-            for i, arg in enumerate(members):
-                try:
-                    return _coerce(value, arg, where)
-                except ConfigError as err:
-                    if i == len(members) - 1 or getattr(err, "at", None) != where:
-                        raise
+            out = _coerce(value, base, where)
         except ConfigError as err:
-            if getattr(err, "at", None) != where:  # an error inside a nested section: keep its own path
-                raise
-            raise _mismatch(where, tp, value, err.detail) from None
+            raise _restated(err, where, tp, value) from None
+        for bound in (m for m in meta if isinstance(m, Range)):
+            if (broken := bound.violated(out)) is not None:
+                raise _mismatch(where, tp, value, f" (not {broken})")
+        return out
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        *first, last = [a for a in typing.get_args(tp) if a is not type(None)]
+        for arg in first:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                if getattr(err, "at", None) != where:
+                    raise
+        try:
+            return _coerce(value, last, where)
+        except ConfigError as err:
+            raise _restated(err, where, tp, value) from None
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -510,16 +518,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a dataclass config (for config.yaml in run and checkpoint folders); tuples become lists."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    """A plain dict of a dataclass config (for config.yaml in run and checkpoint folders)."""
+    return dataclasses.asdict(cfg)
 
 
 __all__ = [

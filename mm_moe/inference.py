@@ -44,6 +44,7 @@ def load_vqa_model(ckpt: str | Path) -> tuple[BEiT3ForVQA, AnswerVocab, RunConfi
 
 def load_captioning_model(ckpt: str | Path) -> tuple[BEiT3ForCaptioning, RunConfig]:
     """A fine-tuned captioning model."""
+    ckpt = resolve_checkpoint(ckpt)
     cfg = load_run_config(ckpt)
     model = BEiT3ForCaptioning(cfg.model)
     load_weights(model, ckpt)

@@ -70,12 +70,12 @@ class BlockMasking:
         return mask.flatten()
 
 
-def mask_caption(ids: torch.Tensor, padding: torch.Tensor, prob: float, mask_id: int, never: set[int],
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_caption(ids: torch.Tensor, padding: torch.Tensor, prob: float, mask_id: int,
+                 never: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """BEiT-3 captioning targets for ids Long[B, L]: each real token (not padding, not in `never`) is masked with
     `prob`, at least one per caption. Returns (inputs with [MASK], labels: IGNORE_INDEX where not masked)."""
     can = ~padding & ~torch.isin(ids, torch.tensor(sorted(never), device=ids.device))
-    chosen = (torch.rand(ids.shape, device=ids.device, generator=generator) < prob) & can
+    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & can
     first = can.float().argmax(1)  # rows with nothing chosen get their first candidate
     none = ~chosen.any(1)
     chosen[none, first[none]] = True

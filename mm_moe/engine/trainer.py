@@ -64,7 +64,7 @@ class Trainer:
     """Trains `task.model` as `cfg` says, in `cfg.run_dir` (created with config.yaml by the main process)."""
 
     def __init__(self, task: Task, cfg: RunConfig, info: DistInfo | None = None) -> None:
-        self.task, self.cfg, self.train_cfg = task, cfg, cfg.train
+        self.task, self.cfg = task, cfg
         self.info = info or DistInfo()
         self.run_dir = Path(cfg.run_dir)
         self.raw = task.model.to(self.info.device)
@@ -95,7 +95,7 @@ class Trainer:
 
     def save(self) -> None:
         if self.info.is_main:
-            save_checkpoint(self.run_dir, self.step, self.raw, self.config, self.state(), self.train_cfg.keep_last)
+            save_checkpoint(self.run_dir, self.step, self.raw, self.config, self.state(), self.cfg.train.keep_last)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -127,15 +127,16 @@ class Trainer:
                 yield batch
             self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns this step's sums for logging."""
-        accum = self.train_cfg.grad_accum
+    def train_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], float | None]:
+        """One optimizer step over grad_accum micro-batches; returns this step's sums for logging and the
+        gradient norm before clipping (None when clipping is off)."""
+        accum = self.cfg.train.grad_accum
         sums = dict.fromkeys(("loss", "aux", "tokens", "skipped", "imbalance"), 0.0)
         for micro in range(accum):
             batch = to_device(next(batches), self.info.device)
-            with gradient_sync(self.model, micro == accum - 1), \
-                    torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                out = self.task.loss_fn(self.model, batch)
+            with gradient_sync(self.model, micro == accum - 1):
+                with torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    out = self.task.loss_fn(self.model, batch)
                 if not torch.isfinite(out.loss):
                     terms = {k: v.item() for k, v in out.losses.items()}
                     raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step + 1} (losses {terms}, "
@@ -147,26 +148,25 @@ class Trainer:
             sums["imbalance"] += mean_imbalance(out.stats) / accum
             sums["tokens"] += self.task.tokens(batch)
             sums["skipped"] += batch.get("num_skipped", 0)
-        sums["grad_norm"] = self._clip()
+        grad_norm = self._clip()
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update_parameters(self.raw)
         self.step += 1
-        return sums
+        return sums, grad_norm
 
     def fit(self) -> nn.Module:
         """Train to train.steps; returns the bare model (EMA weights copied in when EMA is on)."""
-        cfg = self.train_cfg
+        cfg = self.cfg.train
         self.model.train()
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.info.is_main, desc="train", dynamic_ncols=True)
         window: dict[str, float] = {}  # sums over the steps since the last record
         steps_in_window, t0 = 0, time.perf_counter()
         while self.step < cfg.steps:
-            sums = self.train_step(batches)
-            grad_norm = sums.pop("grad_norm")
+            sums, grad_norm = self.train_step(batches)
             window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
             steps_in_window += 1
             bar.update(1)
@@ -176,7 +176,7 @@ class Trainer:
                           "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
                           "load_imbalance": window["imbalance"] / steps_in_window,
                           "skipped_samples": int(window["skipped"])}
-                if grad_norm == grad_norm:  # not nan: clipping is on
+                if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -192,10 +192,10 @@ class Trainer:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw
 
-    def _clip(self) -> float:
-        """Clip the gradient norm to optim.clip_grad; returns the norm before clipping (nan when clipping is off)."""
+    def _clip(self) -> float | None:
+        """Clip the gradient norm to optim.clip_grad (when set); returns the norm before clipping."""
         if not self.cfg.optim.clip_grad:
-            return float("nan")
+            return None
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
 
 
