@@ -30,7 +30,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ckpt needs --images")
     if args.results and args.annotations is None:
         p.error("--results needs --annotations (there is nothing to do with a results file but score it)")
+    from mm_moe.config import InputError, one_line
+
+    try:
+        run(args)
+    except InputError as err:
+        print(f"eval_vqa.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Predict (--ckpt) and/or score."""
     from mm_moe.eval import evaluate_vqa
+    from mm_moe.eval.vqa_metric import read_results
 
     if args.ckpt:
         import torch
@@ -49,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} answers to {out}")
     else:
-        results = json.loads(args.results.read_text())
+        results = read_results(args.results)
     if args.annotations:
         report = evaluate_vqa(results, args.annotations, args.questions)
         report.pop("per_question")
         print(json.dumps(report, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

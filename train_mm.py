@@ -1,11 +1,12 @@
 """Train: masked multimodal pretraining on webdataset shards, or fine-tuning on VQA v2 / NLVR2 / COCO captions.
 
-    python train_mm.py pretrain --config configs/pretrain_demo.yaml [key=value ...] [--resume]
+    python train_mm.py pretrain --config configs/pretrain_demo.yaml [key=value ...] [--resume | --auto-resume]
     python train_mm.py finetune vqa --config configs/finetune_vqa_demo.yaml --init runs/pretrain_demo [key=value ...]
-    torchrun --nproc_per_node 2 train_mm.py pretrain --config ... train.distributed=ddp
+    torchrun --nproc_per_node 2 train_mm.py pretrain --config ... train.distributed=ddp|fsdp2 [train.expert_parallel=true]
 
 --init takes one of our checkpoints (a step-* directory, or a run directory: its latest), or a torchscale /
-unilm BEiT-3 .pth file (converted on load). Every run writes run_dir/: config.yaml, metrics.jsonl, step-* checkpoints.
+unilm BEiT-3 .pth file (converted on load); every encoder weight must fit unless --init-partial.
+Every run writes run_dir/: config.yaml, metrics.jsonl, step-* checkpoints (resumable at any process count).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mm_moe.config import ConfigError, RunConfig, load_config
+from mm_moe.config import ConfigError, InputError, RunConfig, load_config, one_line
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -27,40 +28,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     pre = sub.add_parser("pretrain", help="masked multimodal pretraining")
     fin = sub.add_parser("finetune", help="fine-tune on a task")
     fin.add_argument("task", choices=["vqa", "nlvr2", "caption"])
-    fin.add_argument("--init", help="checkpoint (ours or a torchscale .pth) to start from; head is new")
     for sp in (pre, fin):
         sp.add_argument("--config", required=True)
-        sp.add_argument("--resume", action="store_true", help="continue the run in run_dir from its latest checkpoint")
+        sp.add_argument("--init", help="checkpoint (ours or a torchscale .pth) whose encoder to start from; heads are new")
+        sp.add_argument("--init-partial", action="store_true",
+                        help="with --init: load the weights that fit, report the others (default: they are an error)")
+        again = sp.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true",
+                           help="continue the run in run_dir from its newest sound checkpoint (an error if it has none)")
+        again.add_argument("--auto-resume", action="store_true",
+                           help="resume if run_dir has a checkpoint, else start (for schedulers that restart jobs)")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments {bad} (config overrides are key=value)")
+    if args.init_partial and not args.init:
+        p.error("--init-partial needs --init")
     task = "pretrain" if args.mode == "pretrain" else args.task
     try:
         cfg = load_config(RunConfig, args.config, [*overrides, f"task={task}"])
     except ConfigError as err:
         p.exit(2, f"{p.prog}: config error: {err}\n")
     return args, cfg
-
-
-def load_init(model, path: str) -> None:
-    """Initialise the task model's encoder from our checkpoint (its `beit3.*` weights) or a torchscale .pth."""
-    import torch
-
-    from mm_moe.engine import load_weights
-    from mm_moe.model import BEiT3
-
-    p = Path(path)
-    if p.suffix in (".pth", ".pt", ".bin"):
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-        sd = sd.get("model", sd)  # unilm checkpoints nest the weights under "model"
-        model.beit3.load_state_dict(BEiT3.from_torchscale(sd, model.beit3.cfg).state_dict())
-        return
-    source = torch.nn.Module()
-    source.beit3 = model.beit3  # our checkpoints of any task model hold the encoder under "beit3."
-    missing, _ = load_weights(source, path, strict=False)
-    if missing:
-        raise KeyError(f"{path}: no encoder weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
 def evaluate_task(cfg: RunConfig, model, tokenizer, answers: list[str] | None, device) -> dict | None:
@@ -85,24 +74,34 @@ def evaluate_task(cfg: RunConfig, model, tokenizer, answers: list[str] | None, d
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg = parse_args(argv)
+def train(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """The run: set up, train, evaluate."""
     import torch
 
     from mm_moe.data import load_tokenizer
     from mm_moe.engine import Trainer, build_task, init_distributed, latest_checkpoint
+    from mm_moe.engine.checkpoint import CheckpointError, init_encoder
 
     info = init_distributed()
-    if latest_checkpoint(cfg.run_dir) is not None and not args.resume:
-        raise SystemExit(f"{cfg.run_dir} already has checkpoints: pass --resume to continue it, or set run_dir=...")
+    has_ckpt = latest_checkpoint(cfg.run_dir) is not None
+    if has_ckpt and not (args.resume or args.auto_resume):
+        raise CheckpointError(f"run_dir={cfg.run_dir} already has checkpoints: pass --resume to continue it, "
+                              "or set run_dir=...")
+    if args.resume and not has_ckpt:
+        raise CheckpointError(f"--resume: run_dir={cfg.run_dir} has no step-* checkpoint to resume "
+                              "(use --auto-resume to start when there is none)")
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer()
     task = build_task(cfg, tokenizer, info.rank, info.world_size)
-    if cfg.task != "pretrain" and args.init:
-        load_init(task.model, args.init)
+    if args.init and not has_ckpt:
+        report = init_encoder(task.model, args.init, partial=args.init_partial)
+        if info.is_main:
+            left = {k: len(v) for k, v in report.items() if k != "loaded" and v}
+            print(f"--init {args.init}: loaded {len(report['loaded'])} encoder tensors"
+                  + (f", not loaded: {left} (--init-partial)" if left else ""), file=sys.stderr)
     trainer = Trainer(task, cfg, info)
-    if args.resume and trainer.resume():
-        print(f"resumed {cfg.run_dir} at step {trainer.step}", file=sys.stderr)
+    if has_ckpt and (resumed := trainer.resume()) is not None and info.is_main:
+        print(f"resumed {cfg.run_dir} from {resumed.name} (step {trainer.step})", file=sys.stderr)
     model = trainer.fit()
     if info.is_main:
         answers = task.answer_vocab.answers if task.answer_vocab is not None else None
@@ -110,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         if report:
             (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(report, indent=2))
             print(json.dumps({k: v for k, v in report.items() if k != "per_question"}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    try:
+        train(args, cfg)
+    except InputError as err:
+        print(f"train_mm.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

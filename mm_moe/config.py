@@ -29,7 +29,22 @@ DispatchMode = Literal["auto", "grouped_mm", "loop"]
 Task = Literal["pretrain", "vqa", "nlvr2", "caption"]
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a file, a field, a key, an argument); the message names it, what was expected and
+    what was given. The CLIs print it on one line, without a traceback."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error on one line; for one re-raised from a DataLoader worker (whose message is the
+    worker's traceback), the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+class ConfigError(InputError):
     """A config value, key or file that cannot be used; the message names where it came from."""
 
 
@@ -523,7 +538,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "ConfigError", "Range", "FFNConfig", "BEiT3Config", "OptimConfig", "TrainConfig", "ObjectivesConfig",
+    "InputError", "ConfigError", "one_line",
+    "Range", "FFNConfig", "BEiT3Config", "OptimConfig", "TrainConfig", "ObjectivesConfig",
     "PretrainDataConfig", "TaskDataConfig", "RunConfig", "moe_layer_ids",
     "from_dict", "apply_overrides", "read_yaml", "load_config", "to_dict",
 ]

@@ -91,7 +91,7 @@ def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str
     out = ep(x, idx, w)
     (out * grad).sum().backward()
     e_local = 4 // world
-    local_grads = {n: p.grad for n, p in ep.local.named_parameters()}
+    local_grads = {n: p.grad for n, p in ep.named_parameters()}
     torch.save({"out_err": (out - ref).abs().max(), "x_grad_err": (x.grad - ref_x_grad).abs().max(),
                 "param_grad_err": max((local_grads[n] - g[rank * e_local:(rank + 1) * e_local]).abs().max()
                                       for n, g in ref_param_grads.items())}, f"{out_dir}/ep{rank}.pt")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mm_moe.config import BEiT3Config, PretrainDataConfig
+from mm_moe.config import BEiT3Config, InputError, PretrainDataConfig
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
@@ -143,21 +143,24 @@ def test_pipeline_skips_and_counts_broken_samples(world, tok, tmp_path, workers)
     assert n_samples == summary["shards"]["pairs"] + 2 + good_in_truncated + partial_ok
 
 
-def test_ranks_see_disjoint_shards_and_equal_batches(world, tok, monkeypatch):
+def test_ranks_see_disjoint_shards_and_equal_batches(world, tok):
     out, _ = world
     urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
     assert len(urls) >= 2
     model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
-    keys, counts = [], []
+    keys, resampled_keys = [], []
+    resampled = PretrainDataConfig(shuffle_buffer=4, epoch_batches=5)
     for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        keys.append({k for b in pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=4), model, batch_size=4)
-                     for k in b["keys"]})
-        resampled = PretrainDataConfig(shuffle_buffer=4, epoch_batches=5)
-        counts.append(sum(1 for _ in pretrain_loader(urls, tok, resampled, model, batch_size=4)))
+        keys.append({k for b in pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=4), model, batch_size=4,
+                                                rank=rank, world=2) for k in b["keys"]})
+        runs = [[b["keys"] for b in pretrain_loader(urls, tok, resampled, model, batch_size=4, rank=rank, world=2)]
+                for _ in range(2)]
+        assert len(runs[0]) == 5 and runs[0] == runs[1]  # resampling is deterministic: exact resume
+        resampled_keys.append(runs[0])
     assert keys[0] and keys[1] and not keys[0] & keys[1]
-    assert counts == [5, 5]
+    assert keys[0] | keys[1] == {k for b in pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=4), model,
+                                                            batch_size=4) for k in b["keys"]}
+    assert resampled_keys[0] != resampled_keys[1]  # each rank draws its own stream
 
 
 def test_make_shards_cli_reports_unreadable_images(tmp_path, tok):
@@ -205,14 +208,14 @@ def test_answer_vocab_and_soft_scores(tmp_path):
 def test_malformed_files_name_the_file_and_field(tmp_path, tok):
     q = tmp_path / "q.json"
     q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1}]}))
-    with pytest.raises(KeyError, match=r"q.json: questions\[0\]: missing field\(s\) \['question'\]"):
+    with pytest.raises(InputError, match=r"q.json: questions\[0\]: missing field\(s\) \['question'\]"):
         VQADataset(q, tmp_path, tok, eval_transform(32))
     q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 7, "question": "why?"}]}))
-    with pytest.raises(FileNotFoundError, match="no image for 1 image_id"):
+    with pytest.raises(InputError, match="no image for 1 image_id"):
         VQADataset(q, tmp_path, tok, eval_transform(32))
     bad = tmp_path / "n.json"
     bad.write_text('{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}\n')
-    with pytest.raises(ValueError, match=r"n.json:1: label must be 'True' or 'False'"):
+    with pytest.raises(InputError, match=r"n.json:1: label must be 'True' or 'False'"):
         NLVR2Dataset(bad, tmp_path, tok, eval_transform(32))
 
 

@@ -17,7 +17,14 @@ import torch
 from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig, load_config
 from mm_moe.data import write_world
 from mm_moe.engine import Task, Trainer
-from mm_moe.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
+from mm_moe.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from mm_moe.engine.optim import build_optimizer, build_schedule, warmup_cosine
 from mm_moe.model import BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
 
@@ -68,7 +75,7 @@ def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
     model = BEiT3ForPretraining(tiny_cfg())
     (tmp_path / "step-00000009.tmp").mkdir()  # a write killed half-way
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, {"x": step}, {"step": step}, keep_last=2)
+        save_checkpoint(tmp_path, step, model, {"x": step}, trainer_state={"step": step}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     assert latest_checkpoint(tmp_path).name == "step-00000003"
     fresh = BEiT3ForPretraining(tiny_cfg())
@@ -76,7 +83,40 @@ def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     assert fresh.mlm.embedding.weight is fresh.beit3.text.tokens.weight
-    assert load_state(tmp_path)["step"] == 3
+    assert torch.load(tmp_path / "step-00000003" / "trainer.pt", weights_only=True)["step"] == 3
+    assert verify_checkpoint(tmp_path / "step-00000003") == []
+
+
+def _linear_task(batches: list[dict]) -> Task:
+    torch.manual_seed(0)
+
+    def loss_fn(m, batch):
+        loss = (m(batch["x"]) - batch["y"]).pow(2).mean()
+        return TaskOutput(loss, loss, torch.zeros(()), {}, {"task": loss})
+
+    return Task(torch.nn.Linear(2, 1), lambda epoch: batches, loss_fn, lambda b: 1)
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "trainer.pt", "dcp/__0_0.distcp", "manifest.json"])
+def test_a_damaged_checkpoint_is_named_skipped_and_the_previous_one_used(tmp_path, caplog, damage):
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(4, 2, generator=g), "y": torch.randn(4, 1, generator=g)} for _ in range(3)]
+    cfg = RunConfig(train=TrainConfig(steps=4, log_every=1, ckpt_every=2, keep_last=3), optim=OptimConfig(warmup_steps=1),
+                    run_dir=str(tmp_path))
+    Trainer(_linear_task(batches), cfg).fit()
+    bad = tmp_path / "step-00000004" / damage
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated, as by a full disk
+    trainer = Trainer(_linear_task(batches), cfg)
+    assert trainer.resume().name == "step-00000002" and trainer.step == 2
+    assert "skipping damaged checkpoint" in caplog.text and str(tmp_path / "step-00000004") in caplog.text
+    expected = torch.nn.Linear(2, 1)
+    load_weights(expected, tmp_path / "step-00000002")
+    assert torch.equal(trainer.raw.weight, expected.weight)
+    assert trainer.optimizer.state[trainer.raw.weight]["exp_avg"].abs().sum() > 0  # optimizer state restored too
+    other = tmp_path / "step-00000002" / "model.safetensors"
+    other.write_bytes(other.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="every checkpoint is damaged"):
+        Trainer(_linear_task(batches), cfg).resume()
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):

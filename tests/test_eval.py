@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from mm_moe.config import BEiT3Config, load_config
+from mm_moe.config import BEiT3Config, InputError, load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.eval import BeamConfig, CaptionDecoder, nlvr2_metrics, score_captions, write_predictions
 from mm_moe.model import BEiT3ForCaptioning
@@ -106,5 +106,5 @@ def test_nlvr2_accuracy_and_consistency(tmp_path):
     assert nlvr2_metrics(rows, preds) == {"accuracy": 75.0, "consistency": 50.0}
     write_predictions(tmp_path / "p.csv", preds)
     assert (tmp_path / "p.csv").read_text().splitlines()[1] == "dev-1-1-0,False"
-    with pytest.raises(KeyError, match="no prediction for 1"):
+    with pytest.raises(InputError, match="no prediction for 1"):
         nlvr2_metrics(rows, {k: v for k, v in preds.items() if k != "dev-2-1-0"})

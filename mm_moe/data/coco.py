@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, pad, read_json, require
+from mm_moe.data.transforms import seed_of
 
 TRAIN_SPLITS = ("train", "restval")
 
@@ -26,7 +28,7 @@ def read_karpathy(path: str | Path, splits: tuple[str, ...]) -> list[dict]:
                 require(s, ("raw",), f"{path}: images[{i}].sentences[{j}]")
             out.append(im)
     if not out:
-        raise ValueError(f"{path}: no image in split(s) {splits}")
+        raise InputError(f"{path}: no image in split(s) {splits}")
     return out
 
 
@@ -54,7 +56,7 @@ class CaptionDataset(SeededItems, Dataset):
         for im in self.images:
             path = self.root / im.get("filepath", "") / im["filename"]
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: image of cocoid {im['cocoid']} in {karpathy} not found")
+                raise InputError(f"{path}: image of cocoid {im['cocoid']} in {karpathy} not found")
         self.items = [(i, None) for i in range(len(self.images))] if per_image else \
             [(i, s["raw"]) for i, im in enumerate(self.images) for s in im["sentences"]]
         self.tokenizer, self.transform, self.max_text_len = tokenizer, transform, max_text_len
@@ -69,11 +71,13 @@ class CaptionDataset(SeededItems, Dataset):
         item = {"image_id": im["cocoid"], "image": self.load(path, i)}
         if caption is not None:
             item["text_ids"] = self.tokenizer(caption, truncation=True, max_length=self.max_text_len)["input_ids"]
+            item["mask_seed"] = seed_of(self.seed, self.epoch, i, "mask")
         return item
 
     def collate(self, items: list[dict]) -> dict:
         batch = {"image_ids": [it["image_id"] for it in items], "images": torch.stack([it["image"] for it in items])}
         if "text_ids" in items[0]:
             ids = pad([it["text_ids"] for it in items], self.tokenizer.pad_token_id)
-            batch.update(text_ids=ids, text_padding=ids == self.tokenizer.pad_token_id)
+            batch.update(text_ids=ids, text_padding=ids == self.tokenizer.pad_token_id,
+                         mask_seeds=[it["mask_seed"] for it in items])
         return batch

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from mm_moe.config import InputError
 from mm_moe.data.transforms import seeded
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -23,14 +24,14 @@ def read_json(path: str | Path, required: tuple[str, ...] = ()) -> Any:
     """Parse a JSON file; `required` top-level keys must be present."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise InputError(f"{path}: not valid JSON ({err})") from err
     for key in required:
         if not isinstance(data, dict) or key not in data:
-            raise KeyError(f"{path}: missing top-level key {key!r}")
+            raise InputError(f"{path}: missing top-level key {key!r}")
     return data
 
 
@@ -38,7 +39,7 @@ def require(record: dict, fields: tuple[str, ...], where: str) -> None:
     """Raise a KeyError naming `where` (file and index) if a field is missing."""
     missing = [f for f in fields if f not in record]
     if missing:
-        raise KeyError(f"{where}: missing field(s) {missing}")
+        raise InputError(f"{where}: missing field(s) {missing}")
 
 
 def images_by_number(folder: str | Path) -> dict[int, Path]:

@@ -71,11 +71,14 @@ class BlockMasking:
 
 
 def mask_caption(ids: torch.Tensor, padding: torch.Tensor, prob: float, mask_id: int,
-                 never: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 never: set[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """BEiT-3 captioning targets for ids Long[B, L]: each real token (not padding, not in `never`) is masked with
-    `prob`, at least one per caption. Returns (inputs with [MASK], labels: IGNORE_INDEX where not masked)."""
+    `prob`, at least one per caption. Row b's draws come from seeds[b] alone (the same masks however the
+    batch was split over ranks, and after a resume). Returns (inputs with [MASK], labels: IGNORE_INDEX where
+    not masked)."""
     can = ~padding & ~torch.isin(ids, torch.tensor(sorted(never), device=ids.device))
-    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & can
+    draws = torch.stack([torch.rand(ids.shape[1], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    chosen = (draws.to(ids.device) < prob) & can
     first = can.float().argmax(1)  # rows with nothing chosen get their first candidate
     none = ~chosen.any(1)
     chosen[none, first[none]] = True

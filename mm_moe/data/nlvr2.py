@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, images_by_name, pad, require
 
 
@@ -26,10 +27,10 @@ def read_nlvr2(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
+            raise InputError(f"{path}:{n}: not valid JSON ({err})") from err
         require(row, ("identifier", "sentence", "label"), f"{path}:{n}")
         if row["label"] not in ("True", "False"):
-            raise ValueError(f"{path}:{n}: label must be 'True' or 'False', got {row['label']!r}")
+            raise InputError(f"{path}:{n}: label must be 'True' or 'False', got {row['label']!r}")
         rows.append(row)
     return rows
 
@@ -50,7 +51,7 @@ class NLVR2Dataset(SeededItems, Dataset):
         for row in self.rows:
             for name in image_names(row["identifier"]):
                 if name not in self.paths:
-                    raise FileNotFoundError(f"{images}: missing {name} for {row['identifier']} of {jsonl}")
+                    raise InputError(f"{images}: missing {name} for {row['identifier']} of {jsonl}")
         self.tokenizer, self.transform, self.max_text_len = tokenizer, transform, max_text_len
 
     def __len__(self) -> int:

@@ -1,8 +1,8 @@
 """Pretraining data from webdataset shards of {key}.jpg|png, {key}.txt, {key}.json samples.
 
 shuffle -> decode -> torchvision v2 transform -> tokenise + MLM masking -> BEiT block masking -> batches.
-Under torchrun each rank reads its own shards (split_by_node) and each worker its own (split_by_worker);
-for DDP use `resampled=True` with `epoch_batches`, so every rank yields the same number of batches.
+Each rank reads its own shards and each DataLoader worker its own share of them; with `epoch_batches` shards
+are resampled instead, and every epoch of every rank has that many batches.
 A corrupt image, a sample without caption or a truncated tar is skipped, logged and counted: each batch
 carries `num_skipped`, the samples its worker skipped since its previous batch.
 """
@@ -14,13 +14,16 @@ import random
 import re
 import tarfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
+from webdataset.autodecode import DecodingError
 
-from mm_moe.config import BEiT3Config, PretrainDataConfig
+from mm_moe.config import BEiT3Config, InputError, PretrainDataConfig
 from mm_moe.constants import IGNORE_INDEX
 from mm_moe.data.common import pad
 from mm_moe.data.masking import BlockMasking, mask_text
@@ -30,26 +33,59 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def shard_urls(spec: str | Path) -> str | list[str]:
-    """A directory means every .tar inside it; anything else is passed to webdataset as is."""
+def shard_urls(spec: str | Path, need: int | None = None) -> list[str]:
+    """The shards of a directory (its .tar files) or of a brace pattern ("shards/coco-{000000..000127}.tar").
+
+    Local shards must exist (a typo in a pattern is an error, not an empty run) and at least one must be a tar
+    archive; `need`: how many shards are required (ranks x workers, when shards are split, not resampled)."""
+    if not str(spec):
+        raise InputError("pretrain_data.shards: empty; expected a directory or a brace pattern of .tar shards")
     path = Path(spec)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
-            raise FileNotFoundError(f"{spec}: no .tar shards in this directory")
-        return urls
-    return str(spec)
+            raise InputError(f"pretrain_data.shards={spec}: no .tar shards in this directory")
+    else:
+        urls = list(braceexpand(str(spec)))
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise InputError(f"pretrain_data.shards={spec}: {len(missing)} of {len(urls)} shard(s) do not exist "
+                         f"(e.g. {', '.join(missing[:3])})")
+    not_tar = [u for u in local if not tarfile.is_tarfile(u)]
+    if local and len(not_tar) == len(urls):
+        raise InputError(f"pretrain_data.shards={spec}: no shard is a tar archive (e.g. {', '.join(not_tar[:3])})")
+    if not_tar:
+        log.warning("%s: %d shard(s) are not tar archives and will be skipped: %s", spec, len(not_tar), not_tar[:3])
+    if need is not None and len(urls) < need:
+        raise InputError(f"pretrain_data.shards={spec}: {len(urls)} shard(s) for {need} readers (processes x "
+                         "train.num_workers), each needs its own: write more shards (make_shards.py --max-count) "
+                         "or resample them (pretrain_data.epoch_batches)")
+    return urls
+
+
+def describe_failure(exn: BaseException) -> str:
+    """One line naming the shard, the sample key and the cause of a webdataset failure."""
+    if isinstance(exn, DecodingError):
+        cause = exn.__cause__
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else "undecodable"
+        return f"{exn.url}: sample {exn.key!r}, field {exn.k!r}: {what}"
+    return f"{type(exn).__name__}: {exn}"
 
 
 class SkipCounter:
     """A webdataset error handler that logs and counts what it skips (per process).
 
-    A truncated or unreadable tar reaches the handler more than once (webdataset reports it from its member
-    iterator and again from its shard expander): it counts once per shard.
+    Each log line names shard, key and cause; the first `verbose` skips are logged, then every 1000th (with the
+    running count), so a broken data set cannot flood the log. A truncated or unreadable tar reaches the
+    handler more than once (webdataset reports it from its member iterator and again from its shard
+    expander): it counts once per shard. With `patience`, that many skips in a row (no batch in between: a
+    resampled stream of unreadable data never ends) is an error.
     """
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, source: str, patience: int | None = None, verbose: int = 10) -> None:
+        self.source, self.patience, self.verbose = source, patience, verbose
+        self.count = self.total = self.in_a_row = 0
         self.broken_shards: set[str] = set()
 
     def __call__(self, exn: BaseException) -> bool:
@@ -59,12 +95,18 @@ class SkipCounter:
             if shard in self.broken_shards:
                 return True
             self.broken_shards.add(shard)
-        self.count += 1
-        log.warning("skipped a sample or shard (%d so far in this process): %s: %s", self.count, type(exn).__name__, exn)
+        self.count, self.total, self.in_a_row = self.count + 1, self.total + 1, self.in_a_row + 1
+        what = describe_failure(exn)
+        if self.total <= self.verbose or self.total % 1000 == 0:
+            log.warning("skipped (%d so far in this process): %s", self.total, what)
+        if self.patience is not None and self.in_a_row >= self.patience:
+            raise InputError(f"pretrain_data.shards={self.source}: {self.in_a_row} samples in a row could not be "
+                             f"read; the last: {what}")
         return True
 
     def take(self) -> int:
-        n, self.count = self.count, 0
+        """Skips since the previous call (a batch was made: the run of failures is broken)."""
+        n, self.count, self.in_a_row = self.count, 0, 0
         return n
 
 
@@ -82,13 +124,20 @@ class PretrainSample:
         self.seed = seed
 
     def __call__(self, sample: dict) -> dict:
+        try:
+            return self.prepare(sample)
+        except Exception as err:
+            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: "
+                             f"{type(err).__name__}: {err}") from err
+
+    def prepare(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None:
-            raise KeyError(f"sample {key!r} in {sample.get('__url__', '?')}: no image ({'/'.join(IMAGE_EXTS)})")
+            raise KeyError(f"no image ({'/'.join(IMAGE_EXTS)})")
         caption = sample.get("txt")
         if not isinstance(caption, str) or not caption.strip():
-            raise KeyError(f"sample {key!r} in {sample.get('__url__', '?')}: missing or empty caption (.txt)")
+            raise KeyError("missing or empty caption (.txt)")
         # randomness from (seed, url, key) alone: the same sample gets the same crop and masks however the
         # stream was split over ranks and workers, and after a resume
         rng = random.Random(seed_of(self.seed, sample.get("__url__"), key))
@@ -121,27 +170,45 @@ class Collate:
         }
 
 
-def pretrain_dataset(urls: str | list[str], tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config,
-                     batch_size: int, *, resampled: bool = False, seed: int = 0, augment: bool = True) -> wds.WebDataset:
-    """The batched pretraining pipeline over shard `urls` (brace notation or a list), at the model's image size
-    and text length."""
-    skips = SkipCounter()
-    ds = wds.WebDataset(urls, handler=skips, resampled=resampled, shardshuffle=False if resampled else 100,
-                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, seed=seed,
-                        empty_check=False)
-    return (ds.shuffle(data.shuffle_buffer, seed=seed)
-            .decode("pil", handler=skips)
-            .map(PretrainSample(tokenizer, data, model, seed, augment), handler=skips)
-            .batched(batch_size, collation_fn=Collate(tokenizer.pad_token_id, skips), partial=not resampled))
+def _worker_seed(rank: int) -> int:
+    """A distinct shard-resampling seed for each (rank, DataLoader worker)."""
+    info = torch.utils.data.get_worker_info()
+    return rank * 1000 + (info.id if info is not None else 0)
 
 
-def pretrain_loader(urls: str | list[str], tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config,
-                    batch_size: int, *, num_workers: int = 0, seed: int = 0, augment: bool = True,
+def pretrain_dataset(urls: list[str], tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config, batch_size: int, *,
+                     resampled: bool = False, seed: int = 0, augment: bool = True, rank: int = 0,
+                     world: int = 1) -> wds.DataPipeline:
+    """The batched pretraining pipeline of rank `rank` of `world` over shard `urls`, at the model's image size
+    and text length: shards shuffled by `seed` then dealt out (rank r takes every world-th, each DataLoader
+    worker its share), or, `resampled`, drawn with replacement from a (seed, rank, worker) stream."""
+    source = ",".join(urls) if len(urls) <= 3 else f"{urls[0]} ... ({len(urls)} shards)"
+    skips = SkipCounter(source, patience=10_000 if resampled else None)
+    if resampled:
+        shards = [wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True,
+                                      empty_check=False)]
+    else:
+        order = list(urls)
+        random.Random(seed).shuffle(order)
+        shards = [wds.SimpleShardList(order[rank::world]), wds.split_by_worker]
+    return wds.DataPipeline(
+        *shards,
+        wds.tarfile_to_samples(handler=skips),
+        wds.shuffle(data.shuffle_buffer, seed=seed),
+        wds.decode("pil", handler=skips),
+        wds.map(PretrainSample(tokenizer, data, model, seed, augment), handler=skips),
+        wds.batched(batch_size, collation_fn=Collate(tokenizer.pad_token_id, skips), partial=not resampled),
+    )
+
+
+def pretrain_loader(urls: list[str], tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config, batch_size: int, *,
+                    num_workers: int = 0, seed: int = 0, augment: bool = True, rank: int = 0, world: int = 1,
                     worker_init_fn: Callable | None = None) -> wds.WebLoader:
-    """A WebLoader of batches; with `data.epoch_batches` shards are resampled and every epoch (and rank) has that
-    many batches."""
+    """A WebLoader of rank `rank`'s batches; with `data.epoch_batches` shards are resampled and every epoch (and
+    rank) has that many batches."""
     resampled = data.epoch_batches is not None
-    ds = pretrain_dataset(urls, tokenizer, data, model, batch_size, resampled=resampled, seed=seed, augment=augment)
+    ds = pretrain_dataset(urls, tokenizer, data, model, batch_size, resampled=resampled, seed=seed, augment=augment,
+                          rank=rank, world=world)
     loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init_fn,
                            persistent_workers=num_workers > 0)
     return loader.with_epoch(data.epoch_batches) if resampled else loader

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, images_by_number, pad, read_json, require
-from mm_moe.eval.vqa_metric import normalize_answer
+from mm_moe.eval.vqa_metric import normalize_answer, read_annotations, read_questions
 
 
 class AnswerVocab:
@@ -60,21 +61,20 @@ class VQADataset(SeededItems, Dataset):
 
     def __init__(self, questions: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
                  annotations: str | Path | None = None, vocab: AnswerVocab | None = None, max_text_len: int = 64) -> None:
-        self.questions = read_json(questions, ("questions",))["questions"]
+        self.questions = read_questions(questions)
         for i, q in enumerate(self.questions):
             require(q, ("question_id", "image_id", "question"), f"{questions}: questions[{i}]")
         self.image_paths = images_by_number(images)
         missing = sorted({q["image_id"] for q in self.questions} - set(self.image_paths))
         if missing:
-            raise FileNotFoundError(f"{images}: no image for {len(missing)} image_id(s) of {questions}, e.g. {missing[:3]}")
+            raise InputError(f"{images}: no image for {len(missing)} image_id(s) of {questions}, e.g. {missing[:3]}")
         self.answers: dict[int, list[str]] = {}
         if annotations is not None:
-            for i, ann in enumerate(read_json(annotations, ("annotations",))["annotations"]):
-                require(ann, ("question_id", "answers"), f"{annotations}: annotations[{i}]")
-                self.answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
+            for qid, ann in read_annotations(annotations, fields=()).items():
+                self.answers[qid] = [a["answer"] for a in ann["answers"]]
             unanswered = [q["question_id"] for q in self.questions if q["question_id"] not in self.answers]
             if unanswered:
-                raise KeyError(f"{annotations}: no annotation for question_id(s) {unanswered[:3]} of {questions}")
+                raise InputError(f"{annotations}: no annotation for question_id(s) {unanswered[:3]} of {questions}")
         self.tokenizer, self.transform, self.vocab, self.max_text_len = tokenizer, transform, vocab, max_text_len
 
     def __len__(self) -> int:

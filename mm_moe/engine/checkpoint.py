@@ -1,28 +1,53 @@
-"""Checkpoints: a directory with model.safetensors, config.yaml and (training) state.pt.
+"""Checkpoints: step-XXXXXXXX/ directories that resume exactly, at any world size, and export full weights.
 
-Written atomically: everything goes to `step-XXXXXXXX.tmp/`, each file fsynced, then the directory is renamed
-to `step-XXXXXXXX/`; a run killed mid-write leaves only a .tmp folder, which is ignored and cleaned up.
-state.pt holds optimizer, scheduler, step, RNG states and data position, and is read with weights_only=True.
+A checkpoint holds
+  model.safetensors   the full model (every expert, unsharded): what --init, inference and analysis read;
+  dcp/                model + optimizer (+ EMA) through torch.distributed.checkpoint: each rank writes its own
+                      shards (FSDP2 DTensors, expert-parallel slices as Shard(0) of the full expert tensor), so a
+                      run saved with 2 ranks resumes with 1 or 2 (or 4) and every tensor lands where it belongs;
+  trainer.pt          step, data position, schedule, world size (rank 0); rng-RRRRR.pt per rank;
+  config.yaml         the resolved run config;
+  manifest.json       size and sha256 of every other file, checked before a resume uses the checkpoint.
+Writes are atomic: every rank writes into step-XXXXXXXX.tmp/, then rank 0 writes the manifest, fsyncs and
+renames the folder; a run killed mid-write leaves only a .tmp folder, which is ignored and replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_model, save_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
-from mm_moe.config import RunConfig, from_dict
+from mm_moe.config import InputError, RunConfig, from_dict
+from mm_moe.moe.parallel import expert_param_names
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, damaged or does not fit the model (the message names the file)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,6 +56,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,34 +88,176 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: dict,
-                    state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write run_dir/step-XXXXXXXX/ atomically; prune to the `keep_last` newest checkpoints."""
+# --- full weights ------------------------------------------------------------------------------------------
+def tied_duplicates(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (tied weights), all but the alphabetically first of each
+    group: safetensors stores a tensor once and `load_model` restores the ties."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n for names in groups.values() for n in sorted(names)[1:]}
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded model state on CPU (FSDP2 DTensors and expert-parallel slices gathered; tied names once).
+
+    Collective when torch.distributed is initialized: every rank must call it."""
+    experts = set(expert_param_names(model))
+    skip = tied_duplicates(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        elif name in experts:
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t.detach().contiguous())
+            t = torch.cat(parts)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+# --- sharded state through torch.distributed.checkpoint ----------------------------------------------------
+def _expert_shards(model: nn.Module) -> tuple[set[str], Any]:
+    names = set(expert_param_names(model))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),)) if names else None
+    return names, mesh
+
+
+def _map_experts(state: dict, names: set[str], fn) -> None:
+    """Apply fn to the expert-parallel entries of a {"model", "optim", "ema"} state, in place."""
+    for name in names:
+        state["model"][name] = fn(state["model"][name])
+        if name in state.get("optim", {}).get("state", {}):  # a new dict: the optimizer's own is not touched
+            per_param = state["optim"]["state"][name]
+            state["optim"]["state"][name] = {k: fn(v) if isinstance(v, Tensor) and v.dim() > 0 else v
+                                             for k, v in per_param.items()}
+        if "ema" in state:
+            state["ema"][f"module.{name}"] = fn(state["ema"][f"module.{name}"])
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: nn.Module | None) -> tuple[dict, set]:
+    """{"model", "optim", "ema"} state dicts keyed by parameter name, expert-parallel slices as DTensor shards."""
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    names, mesh = _expert_shards(model)
+    _map_experts(state, names, lambda t: DTensor.from_local(t, mesh, [Shard(0)], run_check=False))
+    return state, names
+
+
+@contextmanager
+def _one_process_ok() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process: a plain run is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: dict, *,
+                    optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None,
+                    trainer_state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+    """Write run_dir/step-XXXXXXXX/ atomically (collective: every rank calls it); prune to the `keep_last` newest."""
+    rank, world = _rank_world()
     run_dir = Path(run_dir)
-    final = run_dir / f"step-{step:08d}"
-    tmp = run_dir / f"step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (MLM head = text embedding)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    if keep_last is not None:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    final, tmp = run_dir / f"step-{step:08d}", run_dir / f"step-{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state, _ = _sharded_state(model, optimizer, ema)
+    with _one_process_ok():
+        dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
+    weights = full_state_dict(model)
+    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+    if rank == 0:
+        save_file(weights, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if trainer_state is not None:
+            torch.save({**trainer_state, "world_size": world}, tmp / "trainer.pt")
+    _barrier()
+    if rank == 0:
+        files = _files(tmp)
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _file_digest(f)} for f in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for d in {tmp, *(f.parent for f in files)}:
+            _fsync_dir(d)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        if keep_last is not None:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier()
     return final
 
 
+def verify_checkpoint(ckpt: str | Path) -> list[str]:
+    """What is wrong with a checkpoint against its manifest (missing, resized or altered files); [] if sound."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"{ckpt / MANIFEST}: unreadable ({err})"]
+    problems = []
+    for rel, want in manifest.items():
+        f = ckpt / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != want["bytes"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']}")
+        elif _file_digest(f) != want["sha256"]:
+            problems.append(f"{f}: sha256 differs from the manifest")
+    return problems
+
+
+def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        ema: nn.Module | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, EMA and this rank's RNG from a checkpoint (collective); returns trainer.pt.
+
+    The checkpoint may come from another world size or sharding: torch.distributed.checkpoint reshards."""
+    ckpt = Path(ckpt)
+    state, names = _sharded_state(model, optimizer, ema)
+    try:
+        with _one_process_ok():
+            dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP wraps rank failures in its own exception types
+        raise CheckpointError(f"{ckpt / 'dcp'}: cannot be loaded into this model ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
+    _map_experts(state, names, lambda t: t.to_local())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    rank, _ = _rank_world()
+    own = ckpt / f"rng-{rank:05d}.pt"
+    set_rng_state(torch.load(own if own.is_file() else ckpt / "rng-00000.pt", weights_only=True))
+    return torch.load(ckpt / "trainer.pt", weights_only=True)
+
+
+# --- finding checkpoints -----------------------------------------------------------------------------------
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (renamed from .tmp), oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -100,7 +276,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run with step-* checkpoints")
+        raise CheckpointError(f"{path}: neither a checkpoint (no model.safetensors) nor a run with step-* checkpoints")
     return latest
 
 
@@ -115,12 +291,60 @@ def load_run_config(ckpt: str | Path) -> RunConfig:
     return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
-def load_state(ckpt: str | Path) -> dict[str, Any]:
-    path = resolve_checkpoint(ckpt) / "state.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training state (a weights-only checkpoint cannot be resumed)")
-    return torch.load(path, weights_only=True)
+__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_training_state", "full_state_dict",
+           "tied_duplicates", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
+           "load_run_config", "rng_state", "set_rng_state"]
 
 
-__all__ = ["save_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
-           "load_run_config", "load_state", "rng_state", "set_rng_state"]
+# --- initialising a task model's encoder -------------------------------------------------------------------
+def _encoder_weights(path: Path) -> dict[str, Tensor]:
+    """Encoder weights (our names, no "beit3." prefix) of our checkpoint / run, or of a torchscale / unilm .pth."""
+    from safetensors.torch import load_file
+
+    from mm_moe.model.beit3 import convert_torchscale_state_dict
+
+    if path.suffix in (".pth", ".pt", ".bin"):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        return convert_torchscale_state_dict(sd.get("model", sd))  # unilm nests the weights under "model"
+    file = resolve_checkpoint(path) / "model.safetensors"
+    try:
+        weights = load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    return {k.removeprefix("beit3."): v for k, v in weights.items() if k.startswith("beit3.")}
+
+
+def init_encoder(model: nn.Module, path: str | Path, partial: bool = False) -> dict[str, list[str]]:
+    """Initialise `model.beit3` (any task model's encoder) from a checkpoint; the task head stays new.
+
+    Every encoder weight must be present with the same shape; otherwise the error lists the missing, unexpected
+    and mismatched keys. With `partial`, the matching weights are loaded and the rest reported, not raised.
+    Returns {"loaded", "missing", "unexpected", "mismatched"} (names, mismatched with both shapes)."""
+    path = Path(path)
+    source = _encoder_weights(path)
+    target = model.beit3.state_dict()
+    tied = tied_duplicates(model.beit3)
+    report = {
+        "missing": sorted(k for k in target if k not in source and k not in tied),
+        "unexpected": sorted(k for k in source if k not in target),
+        "mismatched": sorted(f"{k} {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
+                             for k in source if k in target and source[k].shape != target[k].shape),
+    }
+    if any(report.values()) and not partial:
+        lines = [f"{len(v)} {kind}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}" for kind, v in report.items() if v]
+        raise CheckpointError(f"{path}: does not fit the model's encoder ({'; '.join(lines)}); check the model "
+                              "config, or pass --init-partial to load only the matching weights")
+    loadable = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+    model.beit3.load_state_dict(loadable, strict=False)
+    report["loaded"] = sorted(loadable)
+    return report
+
+
+__all__ += ["init_encoder"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mm_moe.engine.memory import keep_freed_memory
 from mm_moe.model import Block
@@ -51,11 +52,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """mode "none" | "ddp" | "fsdp2". DDP skips expert-parallel parameters (they are local by design)."""
+    """mode "none" | "ddp" | "fsdp2". The model's forward must be the whole step's forward (DDP allows one).
+
+    DDP averages gradients over ranks and skips expert-parallel parameters (local by design): their gradients
+    already collect every rank's tokens through all_to_all, and are divided by the world size here so that
+    they too are the gradient of the mean loss over ranks."""
     if info.world_size == 1 or mode == "none":
         return model
     if mode == "ddp":
-        model._ddp_params_and_buffers_to_ignore = [f"{n}" for n in expert_param_names(model)]
+        experts = expert_param_names(model)
+        model._ddp_params_and_buffers_to_ignore = experts
+        for name in experts:
+            model.get_parameter(name).register_hook(lambda g: g / info.world_size)
         ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if mode == "fsdp2":
@@ -68,6 +76,43 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
         fully_shard(model)
         return model
     raise ValueError(f"distributed mode must be none, ddp or fsdp2, got {mode!r}")
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Scale every gradient so that their global norm (over all ranks' expert and non-expert gradients) is at
+    most `max_norm`, as torch.nn.utils.clip_grad_norm_ does in one process; returns the norm before clipping.
+
+    Data-parallel gradients are equal on every rank after the all-reduce and FSDP2 shards are DTensors (their
+    norm is global already); expert-parallel slices differ per rank, so their squared norms are summed."""
+    experts = set(expert_param_names(model))
+    shared, local = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (local if name in experts else shared).append(p.grad)
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    if shared:
+        n = torch.nn.utils.get_total_norm(shared)
+        sq = sq + (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+    if local:
+        lsq = torch.nn.utils.get_total_norm(local).double() ** 2
+        dist.all_reduce(lsq)
+        sq = sq + lsq
+    total = float(sq.sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        torch._foreach_mul_(shared + local, coef)
+    return total
+
+
+def reduce_mean(values: dict[str, float], device: torch.device, sums: tuple[str, ...] = ()) -> dict[str, float]:
+    """Average logging values over ranks (keys in `sums` are summed); unchanged in one process."""
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return {k: float(v) if k in sums else float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 @contextmanager
@@ -89,4 +134,4 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "gradient_sync"]
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]

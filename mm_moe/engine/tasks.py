@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from mm_moe.config import ObjectivesConfig, RunConfig
+from mm_moe.config import InputError, ObjectivesConfig, RunConfig
 from mm_moe.data.coco import CaptionDataset
 from mm_moe.data.common import epoch_loader, epoch_seed
 from mm_moe.data.masking import mask_caption
@@ -66,15 +66,17 @@ def pretrain_loss(weights: ObjectivesConfig) -> Callable[[nn.Module, dict], Task
     return loss_fn
 
 
-def build_pretrain(cfg: RunConfig, tokenizer: Any) -> Task:
-    """Pretraining model and loader; ranks split the shards themselves (webdataset split_by_node)."""
-    urls = shard_urls(cfg.pretrain_data.shards)
+def build_pretrain(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
+    """Pretraining model and loader; rank `rank` of `world` reads its own shards (or resamples them)."""
+    d, t = cfg.pretrain_data, cfg.train
+    urls = shard_urls(d.shards, need=None if d.epoch_batches else world * max(1, t.num_workers))
 
     def loader(epoch: int):
-        return pretrain_loader(urls, tokenizer, cfg.pretrain_data, cfg.model, cfg.train.batch_size,
-                               num_workers=cfg.train.num_workers, seed=epoch_seed(cfg.train.seed, epoch))
+        return pretrain_loader(urls, tokenizer, d, cfg.model, t.batch_size, num_workers=t.num_workers,
+                               seed=epoch_seed(t.seed, epoch), rank=rank, world=world)
 
-    return Task(BEiT3ForPretraining(cfg.model), loader, pretrain_loss(cfg.objectives), encoder_tokens(cfg.model.patch_size))
+    return Task(BEiT3ForPretraining(cfg.model), loader, pretrain_loss(cfg.objectives), encoder_tokens(cfg.model.patch_size),
+                source=f"pretrain_data.shards={d.shards}")
 
 
 def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
@@ -83,7 +85,10 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
     train_tf = train_transform(m.img_size, min_scale=0.8)
     tokens = encoder_tokens(m.patch_size)
 
-    def loader(ds: Any) -> Callable[[int], Any]:
+    def loader(ds: Any, source: str) -> Callable[[int], Any]:
+        if len(ds) // world < t.batch_size:  # full batches only: an epoch would be empty
+            raise InputError(f"{source}: {len(ds)} samples over {world} process(es) make no full batch of "
+                             f"train.batch_size={t.batch_size}")
         return lambda epoch: epoch_loader(ds, t.batch_size, ds.collate, seed=t.seed, epoch=epoch,
                                           num_workers=t.num_workers, rank=rank, world=world)
 
@@ -93,29 +98,34 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
             raise ValueError(f"{d.vqa_train_annotations}: no answer occurs {d.answer_min_count}+ times")
         ds = VQADataset(d.vqa_train_questions, d.vqa_images, tokenizer, train_tf, d.vqa_train_annotations, vocab,
                         m.max_text_len)
-        return Task(BEiT3ForVQA(m, len(vocab)), loader(ds),
-                    lambda model, b: model(b["images"], b["text_ids"], b["text_padding"], b["targets"]), tokens, vocab)
+        source = f"data.vqa_train_questions={d.vqa_train_questions}"
+        return Task(BEiT3ForVQA(m, len(vocab)), loader(ds, source),
+                    lambda model, b: model(b["images"], b["text_ids"], b["text_padding"], b["targets"]), tokens, vocab,
+                    source)
     if cfg.task == "nlvr2":
         ds = NLVR2Dataset(d.nlvr2_train, d.nlvr2_images, tokenizer, train_tf, m.max_text_len)
-        return Task(BEiT3ForNLVR2(m), loader(ds),
+        source = f"data.nlvr2_train={d.nlvr2_train}"
+        return Task(BEiT3ForNLVR2(m), loader(ds, source),
                     lambda model, b: model(b["images_left"], b["images_right"], b["text_ids"], b["text_padding"],
-                                           b["labels"]), tokens)
+                                           b["labels"]), tokens, source=source)
     if cfg.task == "caption":
         ds = CaptionDataset(d.karpathy, d.coco_images, tokenizer, train_tf, max_text_len=m.max_text_len)
         never = set(tokenizer.all_special_ids) - {tokenizer.sep_token_id}  # [SEP] ends a caption: it is predicted too
 
         def loss_fn(model: nn.Module, b: dict) -> TaskOutput:
             inputs, labels = mask_caption(b["text_ids"], b["text_padding"], d.caption_mask_prob,
-                                          tokenizer.mask_token_id, never)
+                                          tokenizer.mask_token_id, never, b["mask_seeds"])
             return model(b["images"], inputs, b["text_padding"], labels)
 
-        return Task(BEiT3ForCaptioning(m), loader(ds), loss_fn, tokens)
+        source = f"data.karpathy={d.karpathy}"
+        return Task(BEiT3ForCaptioning(m), loader(ds, source), loss_fn, tokens, source=source)
     raise ValueError(f"build_finetune: task {cfg.task!r} is not a fine-tuning task (vqa, nlvr2, caption)")
 
 
 def build_task(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
     """The Task of `cfg.task`."""
-    return build_pretrain(cfg, tokenizer) if cfg.task == "pretrain" else build_finetune(cfg, tokenizer, rank, world)
+    build = build_pretrain if cfg.task == "pretrain" else build_finetune
+    return build(cfg, tokenizer, rank, world)
 
 
 __all__ = ["encoder_tokens", "pretrain_loss", "build_pretrain", "build_finetune", "build_task"]

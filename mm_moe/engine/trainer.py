@@ -2,13 +2,15 @@
 clipping, warmup + cosine, EMA, logging, NaN detection, atomic checkpoints and exact resume.
 
 A `Task` supplies the model, `loader(epoch)` (a deterministic iterable for that epoch), `loss_fn(model, batch)`
-(a TaskOutput whose loss includes the MoE aux loss) and `tokens(batch)`. Resume restores weights, optimizer,
-schedule, step, RNG states and the data position (epoch, batches consumed), then fast-forwards the epoch's
-loader to that batch.
+(a TaskOutput whose loss includes the MoE aux loss) and `tokens(batch)`. The model and its loss function are
+wrapped together (`TaskModule`) so that a step is one forward through DDP / FSDP2, however many passes the
+task makes (pretraining makes three). Resume restores weights, optimizer, schedule, step, RNG states and the
+data position (epoch, batches consumed), then fast-forwards the epoch's loader to that batch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,15 +22,24 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from mm_moe.config import RunConfig, to_dict
+from mm_moe.config import ConfigError, InputError, RunConfig, to_dict
 from mm_moe.data.vqa import AnswerVocab
-from mm_moe.engine.checkpoint import latest_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
-from mm_moe.engine.distributed import DistInfo, gradient_sync, wrap_model
+from mm_moe.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from mm_moe.engine.distributed import DistInfo, clip_grad_norm, gradient_sync, reduce_mean, wrap_model
 from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.model import TaskOutput
 from mm_moe.moe.parallel import shard_experts
 from mm_moe.moe.stats import mean_imbalance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +56,19 @@ class Task:
     """Tokens the encoder processes for a batch (throughput logging)."""
     answer_vocab: AnswerVocab | None = None
     """VQA: the answers the head predicts over (saved as run_dir/answers.json)."""
+    source: str = "the training data"
+    """What the loader reads (a shard pattern, a file), named in errors."""
+
+
+class TaskModule(nn.Module):
+    """A task's model and loss function as one module: the forward of a whole step, for DDP / FSDP2 to wrap."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], TaskOutput]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict) -> TaskOutput:
+        return self.loss_fn(self.model, batch)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -68,9 +92,14 @@ class Trainer:
         self.info = info or DistInfo()
         self.run_dir = Path(cfg.run_dir)
         self.raw = task.model.to(self.info.device)
-        if cfg.train.expert_parallel and self.info.world_size > 1:
+        distributed = self.info.world_size > 1 and cfg.train.distributed != "none"
+        if cfg.train.expert_parallel and distributed:
+            if cfg.train.distributed != "ddp":
+                raise ConfigError(f"train.expert_parallel: needs train.distributed=ddp, got {cfg.train.distributed!r}")
             shard_experts(self.raw)
-        self.model = wrap_model(self.raw, cfg.train.distributed, self.info)
+        if cfg.train.ema_decay and cfg.train.distributed == "fsdp2" and distributed:
+            raise ConfigError("train.ema_decay: EMA is not supported with train.distributed=fsdp2 (use ddp)")
+        self.model = wrap_model(TaskModule(self.raw, task.loss_fn), cfg.train.distributed, self.info)
         self.optimizer = build_optimizer(self.raw, cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = autocast_dtype(cfg.train.precision, self.info.device)
@@ -86,34 +115,34 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.info.is_main, cfg.train.tensorboard)
 
     # --- checkpoints -------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "step": self.step,
-                 "epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_state()}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
-
     def save(self) -> None:
-        if self.info.is_main:
-            save_checkpoint(self.run_dir, self.step, self.raw, self.config, self.state(), self.cfg.train.keep_last)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        """Checkpoint the run at this step (every rank takes part: each writes its shards)."""
+        state = {"schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
+                 "batches_done": self.batches_done}
+        save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
+                        trainer_state=state, keep_last=self.cfg.train.keep_last)
 
-    def resume(self) -> bool:
-        """Continue from the run's latest complete checkpoint, if any."""
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return False
-        load_weights(self.raw, ckpt)
-        state = load_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        self.metrics.truncate_after(self.step)
-        return True
+    def resume(self) -> Path | None:
+        """Continue from the run's newest sound checkpoint; a damaged one (against its manifest) is named,
+        skipped with a warning, and the one before it is used. Returns the checkpoint, None if there is none."""
+        found = list_checkpoints(self.run_dir)
+        for ckpt in reversed(found):
+            problems = verify_checkpoint(ckpt)
+            if problems:
+                log.warning("skipping damaged checkpoint %s: %s", ckpt, "; ".join(problems[:3]))
+                continue
+            state = load_training_state(ckpt, self.raw, self.optimizer, self.ema)
+            self.schedule.load_state_dict(state["schedule"])
+            self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+            if state["world_size"] != self.info.world_size:
+                log.warning("%s was saved by %d processes, resumed by %d: weights and optimizer are resharded; "
+                            "each rank continues its own data stream from the saved position", ckpt,
+                            state["world_size"], self.info.world_size)
+            self.metrics.truncate_after(self.step)
+            return ckpt
+        if found:
+            raise CheckpointError(f"{self.run_dir}: every checkpoint is damaged ({', '.join(p.name for p in found)})")
+        return None
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
@@ -125,6 +154,9 @@ class Trainer:
             for batch in it:
                 self.batches_done += 1
                 yield batch
+            if self.batches_done == 0:
+                raise InputError(f"{self.task.source}: epoch {self.epoch} yielded no batch on rank {self.info.rank} "
+                                 "(no readable sample; see the skipped-sample warnings above)")
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def train_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], float | None]:
@@ -136,7 +168,7 @@ class Trainer:
             batch = to_device(next(batches), self.info.device)
             with gradient_sync(self.model, micro == accum - 1):
                 with torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    out = self.task.loss_fn(self.model, batch)
+                    out = self.model(batch)
                 if not torch.isfinite(out.loss):
                     terms = {k: v.item() for k, v in out.losses.items()}
                     raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step + 1} (losses {terms}, "
@@ -148,7 +180,8 @@ class Trainer:
             sums["imbalance"] += mean_imbalance(out.stats) / accum
             sums["tokens"] += self.task.tokens(batch)
             sums["skipped"] += batch.get("num_skipped", 0)
-        grad_norm = self._clip()
+        sums = reduce_mean(sums, self.info.device, sums=("tokens", "skipped"))
+        grad_norm = clip_grad_norm(self.raw, self.cfg.optim.clip_grad) if self.cfg.optim.clip_grad else None
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -192,11 +225,5 @@ class Trainer:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw
 
-    def _clip(self) -> float | None:
-        """Clip the gradient norm to optim.clip_grad (when set); returns the norm before clipping."""
-        if not self.cfg.optim.clip_grad:
-            return None
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
 
-
-__all__ = ["Task", "Trainer", "autocast_dtype", "to_device"]
+__all__ = ["Task", "TaskModule", "Trainer", "autocast_dtype", "to_device"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mm_moe.config import InputError
 from mm_moe.model import BEiT3ForCaptioning, KVCache
 
 
@@ -119,10 +120,10 @@ def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = F
     coco = COCO(str(gt_json))
     ids = sorted({r["image_id"] for r in results})
     if len(ids) != len(results):
-        raise ValueError("results must have exactly one caption per image_id")
+        raise InputError("results must have exactly one caption per image_id")
     missing = set(ids) - set(coco.getImgIds())
     if missing:
-        raise KeyError(f"{gt_json}: no ground truth for image_id(s) {sorted(missing)[:5]}")
+        raise InputError(f"{gt_json}: no ground truth for image_id(s) {sorted(missing)[:5]}")
     gts = {i: [{"caption": a["caption"]} for a in coco.imgToAnns[i]] for i in ids}
     res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
     tokenizer = PTBTokenizer()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from mm_moe.config import InputError
+
 
 def nlvr2_metrics(rows: list[dict], predictions: dict[str, bool]) -> dict[str, float]:
     """rows: the official JSON Lines records (identifier, sentence, label); predictions: identifier -> truth.
@@ -13,7 +15,7 @@ def nlvr2_metrics(rows: list[dict], predictions: dict[str, bool]) -> dict[str, f
     """
     missing = [r["identifier"] for r in rows if r["identifier"] not in predictions]
     if missing:
-        raise KeyError(f"no prediction for {len(missing)} identifier(s), e.g. {missing[:3]}")
+        raise InputError(f"no prediction for {len(missing)} identifier(s), e.g. {missing[:3]}")
     correct = {r["identifier"]: predictions[r["identifier"]] == (r["label"] == "True") for r in rows}
     by_sentence: dict[str, list[bool]] = defaultdict(list)
     for r in rows:

@@ -16,6 +16,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from mm_moe.config import InputError
+
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
@@ -88,12 +90,72 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def _load(path: str | Path, key: str) -> list[dict]:
-    with open(path) as f:
-        data = json.load(f)
-    if key not in data:
-        raise KeyError(f"{path}: expected a top-level {key!r} list (official VQA v2 format)")
+def _read(path: str | Path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+
+
+def _records(path: str | Path, key: str) -> list[dict]:
+    data = _read(path)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise InputError(f"{path}: expected a top-level {key!r} list (official VQA v2 format)")
+    for i, r in enumerate(data[key]):
+        if not isinstance(r, dict) or not isinstance(r.get("question_id"), int):
+            raise InputError(f"{path}: {key}[{i}]: expected an object with an integer 'question_id', got {r!r:.80}")
     return data[key]
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """The questions of an official VQA v2 questions file; question ids must be unique."""
+    questions = _records(path, "questions")
+    seen: set[int] = set()
+    for i, q in enumerate(questions):
+        if q["question_id"] in seen:
+            raise InputError(f"{path}: questions[{i}]: question_id {q['question_id']} appears twice")
+        seen.add(q["question_id"])
+    return questions
+
+
+def read_annotations(path: str | Path, fields: tuple[str, ...] = ("answer_type", "question_type")) -> dict[int, dict]:
+    """Annotations of an official VQA v2 file by question id; each has a non-empty `answers` list of
+    {"answer": str} and the string `fields`. Duplicated question ids are an error."""
+    out: dict[int, dict] = {}
+    for i, ann in enumerate(_records(path, "annotations")):
+        where, qid = f"{path}: annotations[{i}] (question_id {ann['question_id']})", ann["question_id"]
+        answers = ann.get("answers")
+        if not isinstance(answers, list) or not answers:
+            raise InputError(f"{where}: 'answers' must be a non-empty list, got {answers!r:.80}")
+        for j, a in enumerate(answers):
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise InputError(f"{where}: answers[{j}]: expected {{'answer': string}}, got {a!r:.80}")
+        for field in fields:
+            if not isinstance(ann.get(field), str):
+                raise InputError(f"{where}: {field!r} must be a string, got {ann.get(field)!r:.80}")
+        if qid in out:
+            raise InputError(f"{where}: question_id appears twice")
+        out[qid] = ann
+    return out
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """A results file: [{"question_id": int, "answer": str}, ...] (the test-dev submission format)."""
+    data = _read(path)
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of {{'question_id', 'answer'}} objects, got a {type(data).__name__}")
+    check_results(data, str(path))
+    return data
+
+
+def check_results(results: list, where: str = "results") -> None:
+    """Every entry is {"question_id": int, "answer": str}."""
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or not isinstance(r.get("question_id"), int) or not isinstance(r.get("answer"), str):
+            raise InputError(f"{where}[{i}]: expected {{'question_id': int, 'answer': string}}, got {r!r:.80}")
 
 
 def evaluate(results: list[dict], annotations: str | Path, questions: str | Path) -> dict:
@@ -101,21 +163,19 @@ def evaluate(results: list[dict], annotations: str | Path, questions: str | Path
 
     Every question of the question file must have exactly one result (as the official loadRes asserts).
     """
-    anns = {a["question_id"]: a for a in _load(annotations, "annotations")}
-    qids = {q["question_id"] for q in _load(questions, "questions")}
-    by_qid = {}
-    for r in results:
-        if "question_id" not in r or "answer" not in r:
-            raise KeyError(f"results: every entry needs 'question_id' and 'answer', got {sorted(r)}")
-        by_qid[r["question_id"]] = r["answer"]
+    anns = read_annotations(annotations)
+    qids = {q["question_id"] for q in read_questions(questions)}
+    check_results(results)
+    by_qid = {r["question_id"]: r["answer"] for r in results}
     if set(by_qid) != qids or len(by_qid) != len(results):
         missing, extra = qids - set(by_qid), set(by_qid) - qids
-        raise ValueError(f"results must answer every question once: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
-                         f"{len(extra)} unknown (e.g. {sorted(extra)[:3]}), {len(results) - len(by_qid)} duplicated")
+        raise InputError(f"results must answer every question of {questions} once: {len(missing)} missing "
+                         f"(e.g. {sorted(missing)[:3]}), {len(extra)} unknown (e.g. {sorted(extra)[:3]}), "
+                         f"{len(results) - len(by_qid)} duplicated")
     per_q, per_answer_type, per_question_type = {}, defaultdict(list), defaultdict(list)
     for qid in sorted(qids):
         if qid not in anns:
-            raise KeyError(f"{annotations}: no annotation for question_id {qid}")
+            raise InputError(f"{annotations}: no annotation for question_id {qid} of {questions}")
         ann = anns[qid]
         acc = vqa_accuracy(by_qid[qid], [a["answer"] for a in ann["answers"]])
         per_q[qid] = acc
