@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
 from mm_moe.config import BEiT3Config, FFNConfig, OptimConfig, RunConfig, TrainConfig
-from mm_moe.engine import DistInfo, Task, Trainer, wrap_model
+from mm_moe.engine import DistInfo, Task, Trainer
 from mm_moe.model import BEiT3ForVQA
 from mm_moe.moe import GroupedExperts, shard_experts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init(rank: int, world: int, port: int) -> None:
@@ -32,36 +39,6 @@ def global_batch():
     g = torch.Generator().manual_seed(1)
     return (torch.randn(8, 3, 16, 16, generator=g), torch.randint(1, 50, (8, 6), generator=g),
             torch.rand(8, 5, generator=g))
-
-
-def train_steps(model, images, ids, targets, steps=2):
-    """Plain SGD steps; returns the losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for _ in range(steps):
-        out = model(images, ids, None, targets)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.detach())
-    return losses
-
-
-def ddp_matches_single(rank: int, world: int, port: int, moe: bool, mode: str, out_dir: str) -> None:
-    """Each rank trains on its half of the global batch; results saved for the parent to compare."""
-    init(rank, world, port)
-    images, ids, targets = global_batch()
-    half = slice(rank * 4, (rank + 1) * 4)
-    model = tiny_vqa(moe)
-    wrapped = wrap_model(model, mode, DistInfo(rank, world))
-    losses = train_steps(wrapped, images[half], ids[half], targets[half])
-    for i, loss in enumerate(losses):
-        dist.all_reduce(loss)
-        losses[i] = loss / world
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    if rank == 0:
-        torch.save({"losses": torch.stack(losses), "state": state}, f"{out_dir}/ddp.pt")
-    dist.destroy_process_group()
 
 
 def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -1,40 +1,223 @@
-"""Two processes on CPU (gloo): DDP and FSDP2 match single-process training; expert parallelism matches local experts."""
+"""Training under torchrun, through train_mm.py as users run it (2 gloo processes on CPU).
+
+Every task under DDP, DDP + expert parallelism and FSDP2 matches one process that sees the same global batch
+(gradient accumulation over the two ranks' micro-batches, in rank order): logged losses and gradient norms at
+every step, and the final weights. Sharded checkpoints resume at 2 processes exactly and at 1 process with the
+same weights and optimizer state; a SIGKILL during a sharded checkpoint write loses nothing.
+"""
 
 from __future__ import annotations
 
-import socket
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import dist_workers
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from mm_moe.config import RunConfig, load_config
+from mm_moe.data import load_tokenizer, write_world
+from mm_moe.engine import Task, Trainer, build_task
+from mm_moe.engine.checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
+        "model.moe.hidden=16", "model.moe.num_experts=4", "model.drop_path=0", "train.batch_size=4", "train.steps=4",
+        "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
+        # Adam's m / sqrt(v) turns the rounding of a near-zero gradient (summed in another order by 2 ranks than
+        # by 1 process) into a full-size update; with eps 1e-3 an update stays proportional to its gradient
+        "optim.eps=1e-3"]
+MODES = {"ddp": ["train.distributed=ddp"], "ddp+ep": ["train.distributed=ddp", "train.expert_parallel=true"],
+         "fsdp2": ["train.distributed=fsdp2"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Runs:
+    """The synthetic world and the 4-step torchrun runs of this module, each made once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.world = root / "world"
+        write_world(self.world, n_train=40, n_val=2, n_test=2, n_pairs_train=8, n_pairs_dev=2, size=32, shard_count=30)
+        self.done: dict[tuple[str, str], Path] = {}
+
+    def args(self, task: str) -> list[str]:
+        """train_mm.py arguments of `task` on the synthetic world (no validation: not what is compared)."""
+        w = self.world
+        if task == "pretrain":
+            return ["pretrain", "--config", "configs/pretrain_demo.yaml", f"pretrain_data.shards={w}/shards",
+                    "pretrain_data.shuffle_buffer=20"]
+        if task == "vqa":
+            return ["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml",
+                    f"data.vqa_train_questions={w}/vqa/v2_OpenEnded_mscoco_train2014_questions.json",
+                    f"data.vqa_train_annotations={w}/vqa/v2_mscoco_train2014_annotations.json",
+                    f"data.vqa_images={w}/vqa/images", "data.vqa_val_questions=''"]
+        if task == "nlvr2":
+            return ["finetune", "nlvr2", "--config", "configs/finetune_nlvr2_demo.yaml",
+                    f"data.nlvr2_train={w}/nlvr2/train.json", f"data.nlvr2_images={w}/nlvr2/images", "data.nlvr2_dev=''"]
+        return ["finetune", "caption", "--config", "configs/finetune_caption_demo.yaml",
+                f"data.karpathy={w}/coco/dataset_coco.json", f"data.coco_images={w}/vqa/images"]
+
+    def trained(self, task: str, mode: str) -> Path:
+        """A 4-step run of `task` under torchrun with `mode`, checkpoints at steps 2 and 4."""
+        if (task, mode) not in self.done:
+            run = self.root / f"{task}-{mode}"
+            train_cli([*self.args(task), *TINY, *MODES[mode], f"run_dir={run}"], WORLD)
+            self.done[task, mode] = run
+        return self.done[task, mode]
+
+    def config(self, task: str, run_dir: Path) -> RunConfig:
+        args = self.args(task)
+        at = args.index("--config")
+        return load_config(RunConfig, ROOT / args[at + 1], [*args[at + 2:], *TINY, f"run_dir={run_dir}", f"task={task}"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("dist"))
+
+
+def train_cli(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """train_mm.py under torchrun (nproc > 1) or as a plain process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    res = subprocess.run([*launcher, str(ROOT / "train_mm.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def one_process_reference(cfg: RunConfig) -> Trainer:
+    """One process, grad_accum 2: micro-step 2i is rank 0's batch i, 2i+1 rank 1's, as the 2 ranks see them."""
+    tok = load_tokenizer()
+    torch.manual_seed(cfg.train.seed)  # as train_mm.py: the model is initialised right after seeding
+    ranks = [build_task(cfg, tok, rank, WORLD) for rank in range(WORLD)]
+
+    def interleaved(epoch: int):
+        for batches in zip(*(t.loader(epoch) for t in ranks), strict=False):
+            yield from batches
+
+    first = ranks[0]
+    task_ = Task(first.model, interleaved, first.loss_fn, first.tokens, first.answer_vocab)
+    trainer = Trainer(task_, replace(cfg, train=replace(cfg.train, grad_accum=WORLD, distributed="none")))
+    trainer.fit()
+    return trainer
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moe,mode", [(False, "ddp"), (True, "ddp"), (False, "fsdp2")])
-def test_data_parallel_equals_single_process_on_the_global_batch(tmp_path, moe, mode):
-    mp.spawn(dist_workers.ddp_matches_single, args=(2, free_port(), moe, mode, str(tmp_path)), nprocs=2, join=True)
-    got = torch.load(tmp_path / "ddp.pt", weights_only=True)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "caption"])
+def test_torchrun_training_matches_one_process_on_the_global_batch(runs, tmp_path, task, mode):
+    run = runs.trained(task, mode)
     torch.set_num_threads(1)
-    model = dist_workers.tiny_vqa(moe)
-    images, ids, targets = dist_workers.global_batch()
-    # the mean loss over the two halves is the loss of the whole batch (equal halves, per-element mean)
-    losses = torch.stack(dist_workers.train_steps(model, images, ids, targets))
-    torch.testing.assert_close(got["losses"], losses, atol=1e-6, rtol=1e-5)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(got["state"][name], value, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    ref = one_process_reference(runs.config(task, tmp_path / "ref"))
+    got, want = records(run), records(tmp_path / "ref")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want, strict=True):  # the loss and grad norm of the global batch, every step
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), (g["step"], g["grad_norm"], w["grad_norm"])
+    final = weights(run / "step-00000004")  # the export holds every expert, gathered from the ranks
+    ref_state = ref.raw.state_dict()
+    assert final.keys() <= ref_state.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(value, ref_state[name], atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp2"])
+def test_sharded_checkpoint_resumes_exactly_at_two_processes(runs, tmp_path, mode):
+    run = runs.trained("pretrain", mode)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "step-00000004")
+    res = train_cli([*runs.args("pretrain"), *TINY, *MODES[mode], f"run_dir={resumed}", "--resume"], WORLD)
+    assert "from step-00000002" in res.stderr
+
+    def logged(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "tokens_per_s"}
+
+    assert list(map(logged, records(resumed))) == list(map(logged, records(run)))  # steps 3, 4 recomputed exactly
+    a, b = weights(run / "step-00000004"), weights(resumed / "step-00000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp2"])
+def test_sharded_checkpoint_resumes_at_one_process(runs, tmp_path, mode):
+    """Saved by 2 ranks (experts or every parameter sharded), loaded by 1: the full weights and the optimizer
+    state of every parameter (compared with a DDP run's, which no rank shards) land where they belong."""
+    torch.set_num_threads(1)
+    loaded = {}
+    for source in (mode, "ddp"):
+        run = tmp_path / source
+        shutil.copytree(runs.trained("pretrain", source), run)
+        shutil.rmtree(run / "step-00000004")
+        cfg = runs.config("pretrain", run)
+        trainer = Trainer(build_task(cfg, load_tokenizer()), cfg)
+        assert trainer.resume().name == "step-00000002" and trainer.step == 2
+        loaded[source] = trainer
+    sharded, plain = loaded[mode], loaded["ddp"]
+    for name, value in weights(tmp_path / mode / "step-00000002").items():
+        assert torch.equal(sharded.raw.state_dict()[name], value), name
+    params = dict(sharded.raw.named_parameters())
+    plain_params = dict(plain.raw.named_parameters())
+    for name, p in params.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sharded.optimizer.state[p][key], plain.optimizer.state[plain_params[name]][key],
+                                       atol=1e-6, rtol=1e-3, msg=lambda m, n=name, k=key: f"{n} {k}: {m}")
+    res = train_cli([*runs.args("pretrain"), *TINY, f"run_dir={tmp_path / mode}", "--resume"], 1)
+    assert "saved by 2 processes, resumed by 1" in res.stderr
+    assert [r["step"] for r in records(tmp_path / mode)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_sharded_checkpoint_write_loses_nothing(runs, tmp_path):
+    """Expert-parallel pretraining checkpointing every step is killed (SIGKILL, every process) while a step-*.tmp
+    folder is being written; resuming gives the uninterrupted run's final weights, bit for bit."""
+    reference = runs.trained("pretrain", "ddp+ep")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(ROOT / "train_mm.py"), *runs.args("pretrain"), *TINY, *MODES["ddp+ep"], "train.ckpt_every=1",
+           f"run_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(run.glob("step-0000000[2-3].tmp")):
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(run)
+    assert last is not None and last.name < "step-00000004", "the run finished before it was killed"
+    train_cli([*runs.args("pretrain"), *TINY, *MODES["ddp+ep"], "train.ckpt_every=1", f"run_dir={run}", "--resume"],
+              WORLD)
+    assert not list(run.glob("*.tmp"))
+    a, b = weights(reference / "step-00000004"), weights(run / "step-00000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
 def test_expert_parallel_matches_local_experts(tmp_path):
-    mp.spawn(dist_workers.expert_parallel_matches_local, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
+    mp.spawn(dist_workers.expert_parallel_matches_local, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    for rank in range(WORLD):
         errs = torch.load(tmp_path / f"ep{rank}.pt", weights_only=True)
         for key, err in errs.items():
             assert err < 1e-5, (rank, key, float(err))
@@ -44,7 +227,8 @@ def test_expert_parallel_matches_local_experts(tmp_path):
 def test_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tmp_path):
     """Through the Trainer under DDP (2 gloo processes): with 2 micro-steps per step gradients are all-reduced
     as often as with 1 (no_sync on the first), and the weights equal a single process's on the global batch."""
-    mp.spawn(dist_workers.accumulation_syncs_once_per_step, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(dist_workers.accumulation_syncs_once_per_step, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
+             nprocs=WORLD, join=True)
     one, two = (torch.load(tmp_path / f"accum{a}.pt", weights_only=True) for a in (1, 2))
     assert one["calls"] > 0 and two["calls"] == one["calls"]
     torch.set_num_threads(1)

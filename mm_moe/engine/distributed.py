@@ -82,25 +82,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Scale every gradient so that their global norm (over all ranks' expert and non-expert gradients) is at
     most `max_norm`, as torch.nn.utils.clip_grad_norm_ does in one process; returns the norm before clipping.
 
-    Data-parallel gradients are equal on every rank after the all-reduce and FSDP2 shards are DTensors (their
-    norm is global already); expert-parallel slices differ per rank, so their squared norms are summed."""
+    Data-parallel gradients are equal on every rank after the all-reduce; FSDP2 shards and expert-parallel
+    slices differ per rank, so their squared norms are summed over ranks. Squares are summed in float64: a
+    float32 norm of a large tensor (the text embedding) is off by ~1e-4 and depends on how it is sharded."""
     experts = set(expert_param_names(model))
-    shared, local = [], []
+    grads: list[torch.Tensor] = []
+    same = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    split = torch.zeros_like(same)
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            (local if name in experts else shared).append(p.grad)
-    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    if shared:
-        n = torch.nn.utils.get_total_norm(shared)
-        sq = sq + (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
-    if local:
-        lsq = torch.nn.utils.get_total_norm(local).double() ** 2
-        dist.all_reduce(lsq)
-        sq = sq + lsq
-    total = float(sq.sqrt())
+        g = p.grad
+        if g is None:
+            continue
+        grads.append(g)
+        if isinstance(g, DTensor):
+            if not all(pl.is_shard() for pl in g.placements):
+                raise NotImplementedError(f"clip_grad_norm: {name} has placements {g.placements}; only shards are summed")
+            split += torch.linalg.vector_norm(g.to_local(), dtype=torch.float64) ** 2
+        elif name in experts:
+            split += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+        else:
+            same += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+    if dist.is_initialized() and (experts or any(isinstance(g, DTensor) for g in grads)):
+        dist.all_reduce(split)  # on the parameters' device: CPU for gloo, CUDA for NCCL
+    total = float((same + split).sqrt())
     coef = max_norm / (total + 1e-6)
     if coef < 1:
-        torch._foreach_mul_(shared + local, coef)
+        torch._foreach_mul_(grads, coef)
     return total
 
 

@@ -37,6 +37,7 @@ from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.model import TaskOutput
 from mm_moe.moe.parallel import shard_experts
+from mm_moe.moe.routing import renormalize_routers
 from mm_moe.moe.stats import mean_imbalance
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class Trainer:
         sums = reduce_mean(sums, self.info.device, sums=("tokens", "skipped"))
         grad_norm = clip_grad_norm(self.raw, self.cfg.optim.clip_grad) if self.cfg.optim.clip_grad else None
         self.optimizer.step()
+        renormalize_routers(self.raw)
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -136,7 +136,9 @@ class XMoERouter(Router):
     """X-MoE router as in the official MH-MoE / torchscale code.
 
     Tokens are projected to a `router_dim`-dim space; logits are dot products with L2-normalised
-    expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each training forward).
+    expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each training forward, as
+    torchscale does, and by `renormalize_routers` after each optimizer step: under FSDP2 the forward sees a
+    gathered copy, so its in-place write would not reach the stored, sharded parameter).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, router_dim: int = 16, **kwargs) -> None:
@@ -144,15 +146,28 @@ class XMoERouter(Router):
         self.reduction = nn.Linear(d_model, router_dim, bias=False)
         self.expert_emb = nn.Parameter(torch.empty(num_experts, router_dim))
         nn.init.orthogonal_(self.expert_emb, gain=XMOE_EMB_INIT_GAIN)
+        self.renormalize_()  # what torchscale's first training forward does; the stored value is trained from it
+
+    def renormalize_(self) -> None:
+        """Scale every expert embedding to norm XMOE_EMB_NORM, in place."""
+        with torch.no_grad():
+            # .data: keep autograd's version counter, so a graph built by an earlier forward stays valid
+            emb = self.expert_emb.data
+            emb.mul_(XMOE_EMB_NORM / emb.norm(dim=1, keepdim=True))
 
     def score(self, x: Tensor) -> Tensor:
         if self.training:
-            with torch.no_grad():
-                # .data: keep autograd's version counter, so a graph built by an earlier forward stays valid
-                emb = self.expert_emb.data
-                emb.mul_(XMOE_EMB_NORM / emb.norm(dim=1, keepdim=True))
+            self.renormalize_()
         reduced = F.linear(x, self.reduction.weight.float())  # [T, r]
         return reduced @ F.normalize(self.expert_emb.float(), dim=1, eps=1e-4).t()  # [T, E]
+
+
+def renormalize_routers(model: nn.Module) -> None:
+    """Re-apply the routers' in-place constraints (X-MoE expert-embedding norms) to the stored parameters; the
+    trainer calls it after every optimizer step."""
+    for m in model.modules():
+        if isinstance(m, XMoERouter):
+            m.renormalize_()
 
 
 def build_router(cfg: FFNConfig, d_in: int) -> Router:
