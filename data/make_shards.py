@@ -6,7 +6,8 @@ Sources:
   --captions FILE.jsonl|.tsv --images DIR      {"image": relative path, "caption": text} lines, or path<TAB>caption
 
     python data/make_shards.py --karpathy dataset_coco.json --images coco/ --out shards/coco --max-size-mb 500
-Unreadable images are skipped and reported; keys never contain dots (webdataset splits key and extension there).
+Unreadable images and empty captions are skipped and reported (no sample written at all is an error); image paths
+from the data files must stay inside --images; keys never contain dots (webdataset splits key and extension there).
 """
 
 from __future__ import annotations
@@ -23,48 +24,87 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from mm_moe.config import InputError
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def inside(root: Path, relative: str, where: str) -> Path:
+    """root / relative, refusing paths that leave root (absolute, or climbing out with '..')."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InputError(f"{where}: image path {relative!r} leaves the image folder {root}")
+    return path
+
+
+def caption_of(value: object, where: str) -> str:
+    """A caption must be a string (an empty one is skipped later and reported)."""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: caption must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
+
 
 def coco_pairs(path: Path, images: Path) -> Iterator[tuple[Path, str, dict]]:
-    data = json.loads(path.read_text())
+    data = _json(path)
     for field in ("images", "annotations"):
-        if field not in data:
-            raise KeyError(f"{path}: missing top-level {field!r} (COCO captions format)")
+        if not isinstance(data.get(field), list):
+            raise InputError(f"{path}: missing top-level {field!r} list (COCO captions format)")
     files = {im["id"]: im["file_name"] for im in data["images"]}
     for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
         if "image_id" not in ann or "caption" not in ann:
-            raise KeyError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
+            raise InputError(f"{where} needs 'image_id' and 'caption'")
         if ann["image_id"] not in files:
-            raise KeyError(f"{path}: annotations[{i}] refers to unknown image_id {ann['image_id']}")
-        yield images / files[ann["image_id"]], ann["caption"], {"image_id": ann["image_id"]}
+            raise InputError(f"{where} refers to unknown image_id {ann['image_id']}")
+        yield (inside(images, files[ann["image_id"]], where), caption_of(ann["caption"], where),
+               {"image_id": ann["image_id"]})
 
 
 def karpathy_pairs(path: Path, images: Path, splits: list[str]) -> Iterator[tuple[Path, str, dict]]:
-    data = json.loads(path.read_text())
-    if "images" not in data:
-        raise KeyError(f"{path}: missing top-level 'images' (Karpathy dataset_coco.json format)")
+    data = _json(path)
+    if not isinstance(data.get("images"), list):
+        raise InputError(f"{path}: missing top-level 'images' list (Karpathy dataset_coco.json format)")
     for i, im in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
         for field in ("filename", "split", "sentences"):
             if field not in im:
-                raise KeyError(f"{path}: images[{i}] has no {field!r}")
+                raise InputError(f"{where} has no {field!r}")
         if im["split"] in splits:
-            for s in im["sentences"]:
-                yield images / im.get("filepath", "") / im["filename"], s["raw"], {"cocoid": im.get("cocoid")}
+            image = inside(images, str(Path(im.get("filepath", "")) / im["filename"]), where)
+            for j, s in enumerate(im["sentences"]):
+                yield image, caption_of(s.get("raw"), f"{where}.sentences[{j}].raw"), {"cocoid": im.get("cocoid")}
 
 
 def caption_file_pairs(path: Path, images: Path) -> Iterator[tuple[Path, str, dict]]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{n}"
         if path.suffix == ".jsonl":
-            row = json.loads(line)
-            if "image" not in row or "caption" not in row:
-                raise KeyError(f"{path}:{n}: a line needs 'image' and 'caption'")
-            yield images / row["image"], row["caption"], {}
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: not valid JSON ({err})") from err
+            if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+                raise InputError(f"{where}: a line needs 'image' and 'caption'")
+            yield inside(images, str(row["image"]), where), caption_of(row["caption"], where), {}
         else:
             parts = line.split("\t", 1)
             if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected 'image path<TAB>caption'")
-            yield images / parts[0], parts[1], {}
+                raise InputError(f"{where}: expected 'image path<TAB>caption'")
+            yield inside(images, parts[0], where), parts[1], {}
 
 
 def encode_image(path: Path) -> tuple[bytes, str]:
@@ -91,6 +131,9 @@ def write_shards(pairs: Iterator[tuple[Path, str, dict]], out: Path, prefix: str
     with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=int(max_size_mb * 2**20),
                          verbose=0) as sink:
         for path, caption, meta in tqdm(pairs, total=total, desc="shards", unit="pair"):
+            if not caption.strip():
+                skipped.append(f"{path}: empty caption")
+                continue
             try:
                 data, ext = encode_image(path)
             except Exception as err:
@@ -103,6 +146,16 @@ def write_shards(pairs: Iterator[tuple[Path, str, dict]], out: Path, prefix: str
                         "json": json.dumps({"image": str(path), **meta}).encode()})
             written += 1
     return {"written": written, "skipped": skipped, "shards": sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))}
+
+
+def read_pairs(args: argparse.Namespace) -> list[tuple[Path, str, dict]]:
+    if not args.images.is_dir():
+        raise InputError(f"--images {args.images}: not a folder")
+    if args.coco:
+        return list(coco_pairs(args.coco, args.images))
+    if args.karpathy:
+        return list(karpathy_pairs(args.karpathy, args.images, args.splits))
+    return list(caption_file_pairs(args.captions, args.images))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,18 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-count", type=int, default=10000, help="samples per shard")
     p.add_argument("--max-size-mb", type=float, default=1000.0, help="size per shard")
     args = p.parse_args(argv)
-    if args.coco:
-        pairs = list(coco_pairs(args.coco, args.images))
-    elif args.karpathy:
-        pairs = list(karpathy_pairs(args.karpathy, args.images, args.splits))
-    else:
-        pairs = list(caption_file_pairs(args.captions, args.images))
+    try:
+        pairs = read_pairs(args)
+    except InputError as err:
+        print(f"make_shards.py: error: {err}", file=sys.stderr)
+        return 1
     report = write_shards(iter(pairs), args.out, args.prefix, args.max_count, args.max_size_mb, total=len(pairs))
     print(f"wrote {report['written']} samples in {len(report['shards'])} shards to {args.out}")
     if report["skipped"]:
-        print(f"skipped {len(report['skipped'])} unreadable images:", file=sys.stderr)
+        print(f"skipped {len(report['skipped'])} of {len(pairs)} pairs (unreadable image or empty caption):",
+              file=sys.stderr)
         for line in report["skipped"][:20]:
             print("  " + line, file=sys.stderr)
+    if not report["written"]:
+        for empty in report["shards"]:
+            Path(empty).unlink()
+        print(f"make_shards.py: error: no sample written ({len(pairs)} pairs read, {len(report['skipped'])} skipped)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

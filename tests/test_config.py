@@ -56,6 +56,7 @@ def test_numeric_strings_become_numbers(tmp_path):
     ("train.steps=true", "config: train.steps: expected int >= 1, got True"),
     ("optim.lr=-1", "config: optim.lr: expected float > 0, got -1 (not > 0)"),
     ("train.keep_last=0", "config: train.keep_last: expected int >= 1, got 0"),
+    ("train.ckpt_every=0", "config: train.ckpt_every: expected int >= 1, got 0"),
     ("train.ema_decay=1.5", "config: train.ema_decay: expected float > 0, < 1 or null, got 1.5"),
     ("train.precision=fp16", "config: train.precision: expected one of 'fp32', 'bf16', 'auto', got 'fp16'"),
     ("train.expert_parallel=yes please", "config: train.expert_parallel: expected bool, got 'yes please'"),

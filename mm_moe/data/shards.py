@@ -64,8 +64,14 @@ def shard_urls(spec: str | Path, need: int | None = None) -> list[str]:
     return urls
 
 
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names its shard and key."""
+
+
 def describe_failure(exn: BaseException) -> str:
     """One line naming the shard, the sample key and the cause of a webdataset failure."""
+    if isinstance(exn, SampleError):
+        return str(exn)
     if isinstance(exn, DecodingError):
         cause = exn.__cause__
         what = f"{type(cause).__name__}: {cause}" if cause is not None else "undecodable"
@@ -127,17 +133,17 @@ class PretrainSample:
         try:
             return self.prepare(sample)
         except Exception as err:
-            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: "
-                             f"{type(err).__name__}: {err}") from err
+            cause = str(err) if type(err) is SampleError else f"{type(err).__name__}: {err}"
+            raise SampleError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: {cause}") from err
 
     def prepare(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None:
-            raise KeyError(f"no image ({'/'.join(IMAGE_EXTS)})")
+            raise SampleError(f"no image ({'/'.join(IMAGE_EXTS)})")
         caption = sample.get("txt")
         if not isinstance(caption, str) or not caption.strip():
-            raise KeyError("missing or empty caption (.txt)")
+            raise SampleError("missing or empty caption (.txt)")
         # randomness from (seed, url, key) alone: the same sample gets the same crop and masks however the
         # stream was split over ranks and workers, and after a resume
         rng = random.Random(seed_of(self.seed, sample.get("__url__"), key))

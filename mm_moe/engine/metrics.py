@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mm_moe.config import ConfigError
+
 
 class MetricsLogger:
     """Appends one JSON record per logged step to run_dir/metrics.jsonl (and TensorBoard when asked).
@@ -20,9 +22,9 @@ class MetricsLogger:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ModuleNotFoundError as err:
-                raise ModuleNotFoundError("train.tensorboard=true needs the tensorboard package: "
-                                          "pip install 'mm_moe[tensorboard]'") from err
+            except ImportError as err:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'mm_moe[tensorboard]'") from err
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict) -> None:

@@ -197,29 +197,29 @@ class Trainer:
         cfg = self.cfg.train
         self.model.train()
         batches = self._batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.info.is_main, desc="train", dynamic_ncols=True)
-        window: dict[str, float] = {}  # sums over the steps since the last record
-        steps_in_window, t0 = 0, time.perf_counter()
-        while self.step < cfg.steps:
-            sums, grad_norm = self.train_step(batches)
-            window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
-            steps_in_window += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                record = {"step": self.step, "loss": window["loss"] / steps_in_window,
-                          "aux_loss": window["aux"] / steps_in_window, "lr": self.optimizer.param_groups[-1]["lr"],
-                          "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
-                          "load_imbalance": window["imbalance"] / steps_in_window,
-                          "skipped_samples": int(window["skipped"])}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                self.metrics.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", balance=f"{record['load_imbalance']:.2f}")
-                window, steps_in_window, t0 = {}, 0, time.perf_counter()
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self.save()
-        bar.close()
+        with tqdm(total=cfg.steps, initial=self.step, disable=not self.info.is_main, desc="train",
+                  dynamic_ncols=True) as bar:
+            window: dict[str, float] = {}  # sums over the steps since the last record
+            steps_in_window, t0 = 0, time.perf_counter()
+            while self.step < cfg.steps:
+                sums, grad_norm = self.train_step(batches)
+                window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
+                steps_in_window += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = {"step": self.step, "loss": window["loss"] / steps_in_window,
+                              "aux_loss": window["aux"] / steps_in_window, "lr": self.optimizer.param_groups[-1]["lr"],
+                              "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
+                              "load_imbalance": window["imbalance"] / steps_in_window,
+                              "skipped_samples": int(window["skipped"])}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    self.metrics.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}", balance=f"{record['load_imbalance']:.2f}")
+                    window, steps_in_window, t0 = {}, 0, time.perf_counter()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
         self.metrics.close()
         if self.info.is_main:
             plot_curves(self.run_dir)
