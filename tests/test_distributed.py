@@ -131,13 +131,13 @@ def test_torchrun_training_matches_one_process_on_the_global_batch(runs, tmp_pat
     got, want = records(run), records(tmp_path / "ref")
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for g, w in zip(got, want, strict=True):  # the loss and grad norm of the global batch, every step
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), (g["step"], g["grad_norm"], w["grad_norm"])
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
     final = weights(run / "step-00000004")  # the export holds every expert, gathered from the ranks
     ref_state = ref.raw.state_dict()
     assert final.keys() <= ref_state.keys()
     for name, value in final.items():
-        torch.testing.assert_close(value, ref_state[name], atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(value, ref_state[name], atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
@@ -192,21 +192,24 @@ def test_sigkill_during_a_sharded_checkpoint_write_loses_nothing(runs, tmp_path)
     """Expert-parallel pretraining checkpointing every step is killed (SIGKILL, every process) while a step-*.tmp
     folder is being written; resuming gives the uninterrupted run's final weights, bit for bit."""
     reference = runs.trained("pretrain", "ddp+ep")
-    run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(ROOT / "train_mm.py"), *runs.args("pretrain"), *TINY, *MODES["ddp+ep"], "train.ckpt_every=1",
-           f"run_dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(run.glob("step-0000000[2-3].tmp")):
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = [*runs.args("pretrain"), *TINY, *MODES["ddp+ep"], "train.ckpt_every=1"]
+    for attempt in range(3):  # the kill lands inside a write unless the rename wins the race: then try again
+        run = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+                                 str(ROOT / "train_mm.py"), *args, f"run_dir={run}"], cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(run.glob("step-0000000[2-3].tmp")):
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if list(run.glob("*.tmp")):
+            break
+    assert list(run.glob("*.tmp")), "no kill landed inside a checkpoint write"
     last = latest_checkpoint(run)
     assert last is not None and last.name < "step-00000004", "the run finished before it was killed"
-    train_cli([*runs.args("pretrain"), *TINY, *MODES["ddp+ep"], "train.ckpt_every=1", f"run_dir={run}", "--resume"],
-              WORLD)
+    train_cli([*args, f"run_dir={run}", "--resume"], WORLD)
     assert not list(run.glob("*.tmp"))
     a, b = weights(reference / "step-00000004"), weights(run / "step-00000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

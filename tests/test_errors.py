@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mm_moe.config import BEiT3Config, InputError, PretrainDataConfig, load_config
+from mm_moe.config import BEiT3Config, ConfigError, InputError, PretrainDataConfig, RunConfig, load_config
 from mm_moe.data import load_tokenizer, write_world
 from mm_moe.data.shards import SkipCounter, pretrain_loader, shard_urls
+from mm_moe.engine import DistInfo, Task, Trainer
 from mm_moe.engine.checkpoint import init_encoder, save_checkpoint
 from mm_moe.model import BEiT3ForPretraining, BEiT3ForVQA
 
@@ -93,11 +95,23 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_an_epoch_without_a_readable_sample_stops_the_run(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_without_a_readable_sample_stops_the_run(tmp_path, capsys, workers):
     (tmp_path / "s").mkdir()
-    _tar(tmp_path / "s" / "x.tar", [(f"k{i}.txt", b"a caption without its image.") for i in range(5)])
-    line = error_of(train_mm.main, pretrain([f"pretrain_data.shards={tmp_path / 's'}"], tmp_path / "r"), capsys)
-    assert "pretrain_data.shards=" in line and "epoch 0 yielded no batch" in line
+    for shard in ("a", "b"):
+        _tar(tmp_path / "s" / f"{shard}.tar", [(f"k{i}.txt", b"a caption without its image.") for i in range(3)])
+    line = error_of(train_mm.main, pretrain([f"pretrain_data.shards={tmp_path / 's'}", f"train.num_workers={workers}"],
+                                            tmp_path / "r"), capsys)
+    assert f"pretrain_data.shards={tmp_path / 's'}/a.tar,{tmp_path / 's'}/b.tar: no sample could be read" in line
+    assert f"first failures: {tmp_path / 's'}/" in line and ".tar: sample 'k" in line and "no image (jpg" in line
+
+
+def test_expert_parallelism_needs_ddp(tmp_path):
+    cfg = load_config(RunConfig, ROOT / "configs/pretrain_demo.yaml", [*TINY, "train.distributed=fsdp2",
+                                                                        "train.expert_parallel=true", f"run_dir={tmp_path}"])
+    model = BEiT3ForPretraining(cfg.model)
+    with pytest.raises(ConfigError, match=re.escape("train.expert_parallel: needs train.distributed=ddp, got 'fsdp2'")):
+        Trainer(Task(model, lambda epoch: [], lambda m, b: None, lambda b: 0), cfg, DistInfo(0, 2))
 
 
 def test_resampling_unreadable_data_stops_instead_of_looping():

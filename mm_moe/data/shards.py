@@ -93,6 +93,7 @@ class SkipCounter:
         self.source, self.patience, self.verbose = source, patience, verbose
         self.count = self.total = self.in_a_row = 0
         self.broken_shards: set[str] = set()
+        self.first: list[str] = []  # the first failures, for the error of an epoch without a sample
 
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, tarfile.TarError):
@@ -103,6 +104,8 @@ class SkipCounter:
             self.broken_shards.add(shard)
         self.count, self.total, self.in_a_row = self.count + 1, self.total + 1, self.in_a_row + 1
         what = describe_failure(exn)
+        if len(self.first) < 3:
+            self.first.append(what)
         if self.total <= self.verbose or self.total % 1000 == 0:
             log.warning("skipped (%d so far in this process): %s", self.total, what)
         if self.patience is not None and self.in_a_row >= self.patience:
@@ -176,6 +179,46 @@ class Collate:
         }
 
 
+def _report_if_empty(skips: SkipCounter) -> Callable:
+    """A pipeline stage that passes batches on; a stream that ends without one yields instead a report of this
+    reader's first failures (for `EpochBatches` to name in its error)."""
+
+    def stage(batches):
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            yield {"no_batch": skips.first}
+
+    return stage
+
+
+class EpochBatches:
+    """One epoch of a rank's batches; an epoch in which no reader (process or DataLoader worker) made a batch is
+    an InputError naming the shards and the first failures."""
+
+    def __init__(self, loader: Any, source: str, rank: int) -> None:
+        self.loader, self.source, self.rank = loader, source, rank
+
+    def __iter__(self):
+        failures, batches = [], 0
+        for batch in self.loader:
+            if "no_batch" in batch:
+                failures += batch["no_batch"]
+                continue
+            batches += 1
+            yield batch
+        if not batches:
+            raise InputError(f"pretrain_data.shards={self.source}: no sample could be read in this epoch (rank "
+                             f"{self.rank}); first failures: {'; '.join(failures[:3]) or 'none (no sample at all)'}")
+
+
+def describe_shards(urls: list[str]) -> str:
+    """Shard list for messages: all of a short list, the first and the count of a long one."""
+    return ",".join(urls) if len(urls) <= 3 else f"{urls[0]} ... ({len(urls)} shards)"
+
+
 def _worker_seed(rank: int) -> int:
     """A distinct shard-resampling seed for each (rank, DataLoader worker)."""
     info = torch.utils.data.get_worker_info()
@@ -188,8 +231,7 @@ def pretrain_dataset(urls: list[str], tokenizer: Any, data: PretrainDataConfig, 
     """The batched pretraining pipeline of rank `rank` of `world` over shard `urls`, at the model's image size
     and text length: shards shuffled by `seed` then dealt out (rank r takes every world-th, each DataLoader
     worker its share), or, `resampled`, drawn with replacement from a (seed, rank, worker) stream."""
-    source = ",".join(urls) if len(urls) <= 3 else f"{urls[0]} ... ({len(urls)} shards)"
-    skips = SkipCounter(source, patience=10_000 if resampled else None)
+    skips = SkipCounter(describe_shards(urls), patience=10_000 if resampled else None)
     if resampled:
         shards = [wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True,
                                       empty_check=False)]
@@ -204,20 +246,21 @@ def pretrain_dataset(urls: list[str], tokenizer: Any, data: PretrainDataConfig, 
         wds.decode("pil", handler=skips),
         wds.map(PretrainSample(tokenizer, data, model, seed, augment), handler=skips),
         wds.batched(batch_size, collation_fn=Collate(tokenizer.pad_token_id, skips), partial=not resampled),
+        _report_if_empty(skips),
     )
 
 
 def pretrain_loader(urls: list[str], tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config, batch_size: int, *,
                     num_workers: int = 0, seed: int = 0, augment: bool = True, rank: int = 0, world: int = 1,
-                    worker_init_fn: Callable | None = None) -> wds.WebLoader:
-    """A WebLoader of rank `rank`'s batches; with `data.epoch_batches` shards are resampled and every epoch (and
+                    worker_init_fn: Callable | None = None) -> EpochBatches:
+    """Rank `rank`'s batches of one epoch; with `data.epoch_batches` shards are resampled and every epoch (and
     rank) has that many batches."""
     resampled = data.epoch_batches is not None
     ds = pretrain_dataset(urls, tokenizer, data, model, batch_size, resampled=resampled, seed=seed, augment=augment,
                           rank=rank, world=world)
     loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init_fn,
                            persistent_workers=num_workers > 0)
-    return loader.with_epoch(data.epoch_batches) if resampled else loader
+    return EpochBatches(loader.with_epoch(data.epoch_batches) if resampled else loader, describe_shards(urls), rank)
 
 
 def first_batches(shards: str | Path, tokenizer: Any, model: BEiT3Config, n: int, batch_size: int = 32, seed: int = 0,
