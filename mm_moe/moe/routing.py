@@ -149,11 +149,14 @@ class XMoERouter(Router):
         self.renormalize_()  # what torchscale's first training forward does; the stored value is trained from it
 
     def renormalize_(self) -> None:
-        """Scale every expert embedding to norm XMOE_EMB_NORM, in place."""
+        """Scale every expert embedding to norm XMOE_EMB_NORM, in place. Idempotent: a row already at that norm
+        (to 1e-5) is left bit for bit, so renormalising after the step and again in the forward equals once
+        (float rescaling is not idempotent: a second pass moves values by an ulp, and routing amplifies that)."""
         with torch.no_grad():
             # .data: keep autograd's version counter, so a graph built by an earlier forward stays valid
             emb = self.expert_emb.data
-            emb.mul_(XMOE_EMB_NORM / emb.norm(dim=1, keepdim=True))
+            norm = emb.norm(dim=1, keepdim=True)
+            emb.copy_(torch.where((norm - XMOE_EMB_NORM).abs() > 1e-5 * XMOE_EMB_NORM, emb * (XMOE_EMB_NORM / norm), emb))
 
     def score(self, x: Tensor) -> Tensor:
         if self.training:
