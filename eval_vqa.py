@@ -4,7 +4,8 @@
     python eval_vqa.py --results R.json --questions Q.json --annotations A.json
 
 Predictions are written in the test-dev submission format, [{"question_id", "answer"}] for every question;
-with --annotations the file is scored (overall, per answer type, per question type).
+with --annotations the file is scored (overall, per answer type, per question type) as the current official
+vqaEval.py (2021-03-11) does, or as its 2017 revision with --legacy-2017.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, help="image folder (with --ckpt)")
     p.add_argument("--out", type=Path, help="results file to write (default: next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--legacy-2017", action="store_true",
+                   help="score as the 2017 revision of vqaEval.py (before 'Fixed processing answers bug')")
     args = p.parse_args(argv)
     if args.ckpt and args.images is None:
         p.error("--ckpt needs --images")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         results = read_results(args.results)
     if args.annotations:
-        report = evaluate_vqa(results, args.annotations, args.questions)
+        report = evaluate_vqa(results, args.annotations, args.questions, legacy=args.legacy_2017)
         report.pop("per_question")
         print(json.dumps(report, indent=2))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mm_moe.config import RunConfig
 from mm_moe.data.vqa import AnswerVocab
 from mm_moe.engine.checkpoint import load_run_config, load_weights, resolve_checkpoint
-from mm_moe.model import BEiT3ForCaptioning, BEiT3ForPretraining, BEiT3ForVQA
+from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA
 
 
 def load_pretraining_model(ckpt: str | Path) -> tuple[BEiT3ForPretraining, RunConfig]:
@@ -42,13 +42,22 @@ def load_vqa_model(ckpt: str | Path) -> tuple[BEiT3ForVQA, AnswerVocab, RunConfi
     return model.eval(), vocab, cfg
 
 
-def load_captioning_model(ckpt: str | Path) -> tuple[BEiT3ForCaptioning, RunConfig]:
-    """A fine-tuned captioning model."""
+def _load_task_model(cls: type, ckpt: str | Path) -> tuple:
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_run_config(ckpt)
-    model = BEiT3ForCaptioning(cfg.model)
+    model = cls(cfg.model)
     load_weights(model, ckpt)
     return model.eval(), cfg
 
 
-__all__ = ["load_pretraining_model", "load_vqa_model", "load_captioning_model"]
+def load_captioning_model(ckpt: str | Path) -> tuple[BEiT3ForCaptioning, RunConfig]:
+    """A fine-tuned captioning model."""
+    return _load_task_model(BEiT3ForCaptioning, ckpt)
+
+
+def load_nlvr2_model(ckpt: str | Path) -> tuple[BEiT3ForNLVR2, RunConfig]:
+    """A fine-tuned NLVR2 model."""
+    return _load_task_model(BEiT3ForNLVR2, ckpt)
+
+
+__all__ = ["load_pretraining_model", "load_vqa_model", "load_captioning_model", "load_nlvr2_model"]

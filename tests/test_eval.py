@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from mm_moe.config import BEiT3Config, InputError, load_config
 from mm_moe.data import load_tokenizer
-from mm_moe.eval import BeamConfig, CaptionDecoder, nlvr2_metrics, score_captions, write_predictions
+from mm_moe.eval import BeamConfig, CaptionDecoder, nlvr2_metrics, read_predictions, score_captions, write_predictions
 from mm_moe.model import BEiT3ForCaptioning
 
 
@@ -99,12 +100,22 @@ def _rouge_l(cand: int, ref: int, lcs: int, beta: float = 1.2) -> float:
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
-def test_nlvr2_accuracy_and_consistency(tmp_path):
-    rows = [{"identifier": f"dev-1-{p}-0", "sentence": "s1", "label": lab} for p, lab in enumerate(["True", "False"])]
-    rows += [{"identifier": f"dev-2-{p}-0", "sentence": "s2", "label": lab} for p, lab in enumerate(["True", "True"])]
-    preds = {"dev-1-0-0": True, "dev-1-1-0": False, "dev-2-0-0": True, "dev-2-1-0": False}
-    assert nlvr2_metrics(rows, preds) == {"accuracy": 75.0, "consistency": 50.0}
+def test_nlvr2_accuracy_and_consistency_as_the_official_script(tmp_path):
+    """Groups are identifiers with the third part blanked (lil-lab/nlvr metrics.py), not sentence texts: here
+    the text "s1" belongs to two groups, so grouping by text would give 1 of 2 consistent (50)."""
+    rows = [{"identifier": "dev-1-0-0", "sentence": "s1", "label": "True"},
+            {"identifier": "dev-1-1-0", "sentence": "s1", "label": "False"},
+            {"identifier": "dev-2-0-0", "sentence": "s1", "label": "True"},
+            {"identifier": "dev-2-0-1", "sentence": "s2", "label": "True"}]
+    preds = {"dev-1-0-0": True, "dev-1-1-0": False, "dev-2-0-0": False, "dev-2-0-1": True}
+    # 3 of 4 right; groups dev-1--0 (right, right), dev-2--0 (wrong), dev-2--1 (right): 2 of 3 consistent
+    assert nlvr2_metrics(rows, preds) == {"accuracy": 75.0, "consistency": pytest.approx(200 / 3)}
     write_predictions(tmp_path / "p.csv", preds)
     assert (tmp_path / "p.csv").read_text().splitlines()[1] == "dev-1-1-0,False"
-    with pytest.raises(InputError, match="no prediction for 1"):
-        nlvr2_metrics(rows, {k: v for k, v in preds.items() if k != "dev-2-1-0"})
+    assert nlvr2_metrics(rows, read_predictions(tmp_path / "p.csv")) == nlvr2_metrics(rows, preds)
+    assert nlvr2_metrics(rows, {k: str(v).upper() for k, v in preds.items()})["accuracy"] == 75.0  # case-insensitive
+    with pytest.raises(InputError, match="Some predictions are missing\\! Got 3 predictions but expected 4"):
+        nlvr2_metrics(rows, {k: v for k, v in preds.items() if k != "dev-2-0-1"})
+    (tmp_path / "bad.csv").write_text("dev-1-0-0,True\ndev-1-1-0,maybe\n")
+    with pytest.raises(InputError, match=re.escape("bad.csv:2: expected 'identifier,True|False', got 'dev-1-1-0,maybe'")):
+        read_predictions(tmp_path / "bad.csv")

@@ -136,6 +136,8 @@ print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
     ("train_mm.py", ["train_mm.py", "pretrain"], "the following arguments are required: --config"),
     ("eval_vqa.py", ["eval_vqa.py", "--help"], "usage:"),
     ("eval_vqa.py", ["eval_vqa.py", "--results", "r.json", "--questions", "q.json"], "--results needs --annotations"),
+    ("eval_nlvr2.py", ["eval_nlvr2.py", "--help"], "usage:"),
+    ("eval_nlvr2.py", ["eval_nlvr2.py", "--ckpt", "runs/x", "--data", "d.json"], "--ckpt needs --images"),
 ])
 def test_cli_answers_help_and_bad_input_without_importing_torch(script, argv, expect):
     probe = _PROBE.format(argv=argv, script=str(ROOT / script))

@@ -1,4 +1,6 @@
-"""The official VQA accuracy: hand-worked cases for every normalisation rule and for 0..10 matching answers."""
+"""The official VQA accuracy (vqaEval.py at its current revision, and the 2017 one as a legacy option):
+hand-worked cases for every normalisation rule and for 0..10 matching answers, each derived from the official
+code's rules (comments say how), not from this implementation's output."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 
 import pytest
 
+from mm_moe.config import InputError
 from mm_moe.eval.vqa_metric import evaluate, normalize_answer, process_digit_article, process_punctuation, vqa_accuracy
 
 
@@ -44,30 +47,76 @@ def test_accuracy_for_n_matching_answers(n, expected):
     assert vqa_accuracy("cat", gts) == pytest.approx(expected)
 
 
-def test_ground_truth_processing_quirks():
-    # all ten identical: no processing of the answers, so "Yes!" never equals the normalised prediction "yes"
-    assert vqa_accuracy("yes", ["Yes!"] * 10) == 0.0
-    # not all identical: punctuation only; "yes!" becomes "yes " (trailing space stays) and still does not match
-    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 0.0
-    # a prediction gets digits/articles processing, the ground truth does not
-    assert vqa_accuracy("the two", ["2"] * 10) == 1.0
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
+def test_unanimous_answers_normalise_nothing_but_whitespace():
+    # all ten identical: neither side gets punctuation or digit/article processing
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0  # capitals stay
+    assert vqa_accuracy("yes.", ["yes"] * 10) == 0.0  # the period stays
+    assert vqa_accuracy("2", ["two"] * 10) == 0.0 and vqa_accuracy("two", ["two"] * 10) == 1.0
+    assert vqa_accuracy("the dog", ["dog"] * 10) == 0.0
+    # newlines and tabs become spaces and the ends are stripped, on both sides: then they are unanimous
+    assert vqa_accuracy(" yes\n", ["yes\n"] * 5 + ["\tyes"] * 5) == 1.0
+
+
+def test_disagreeing_answers_normalise_both_sides():
+    # number words: "two" -> "2" on both sides; all ten then match
+    assert vqa_accuracy("Two", ["two"] * 9 + ["2"]) == 1.0
+    # articles dropped on both sides: "a dog", "dog" and "the dog" are one answer
+    assert vqa_accuracy("the dog", ["a dog"] * 5 + ["dog"] * 5) == 1.0
+    # contractions: "dont know" -> "don't know" (the apostrophe is not in the punctuation list). Three of ten
+    # match: leaving out one of them leaves 2 matches (2/3), leaving out another answer leaves 3 (1):
+    assert vqa_accuracy("don't know", ["dont know"] * 3 + ["yes"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    # commas in numbers: a digit,comma,digit pattern deletes every punctuation mark: "1,000" -> "1000"
+    assert vqa_accuracy("1,000", ["1,000"] * 4 + ["1000"] * 2 + ["a thousand"] * 4) == 1.0
+    # a period before a digit stays, others go: "3.5." -> "3.5"
+    assert vqa_accuracy("3.5.", ["3.5"] * 3 + ["4"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    # the 32-period cap: 33 periods lose 32 (".x" stays, no match); 32 periods all go ("x" matches ".x" -> "x")
+    humans = [".x"] * 4 + ["y"] * 6
+    assert vqa_accuracy("." * 33 + "x", humans) == 0.0
+    assert vqa_accuracy("." * 32 + "x", humans) == 1.0
+    # "Yes!" among disagreeing answers: '!' replaced by a space (no space next to it), then stripped by split/join
+    assert vqa_accuracy("yes", ["Yes!"] * 9 + ["no"]) == 1.0
+
+
+def test_legacy_2017_revision():
+    # the prediction was always normalised; unanimous human answers were left alone
+    assert vqa_accuracy("Yes", ["yes"] * 10, legacy=True) == 1.0
+    assert vqa_accuracy("the two", ["2"] * 10, legacy=True) == 1.0
+    # human answers got punctuation processing only (no digits / articles), and no whitespace cleaning
+    # "two" stays "two" on the human side: only the single "2" matches (leaving it out: 0, else 1/3)
+    assert vqa_accuracy("2", ["two"] * 9 + ["2"], legacy=True) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("yes", ["yes\n"] * 10, legacy=True) == 0.0
+    # "yes!" becomes "yes " (the space the '!' turned into stays): no match
+    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"], legacy=True) == 0.0
+
+
+def test_leave_one_out_compares_whole_answer_records():
+    # the official code leaves out every record equal to the left-out one: identical records (no answer_id)
+    # leave out together. "2": 2 records, "3": 8; prediction "two" -> "2" (the answers disagree).
+    same = [{"answer": "2"}] * 2 + [{"answer": "3"}] * 8
+    # leaving out a "2" drops both: 0 matches; leaving out a "3" drops all eight: 2 matches -> 2/3
+    assert vqa_accuracy("two", same) == pytest.approx((2 * 0 + 8 * 2 / 3) / 10)
+    with_ids = [{"answer": a["answer"], "answer_id": i} for i, a in enumerate(same)]
+    assert vqa_accuracy("two", with_ids) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
 
 
 def test_evaluate_files_overall_and_per_type(tmp_path):
+    def answers(*texts: str) -> list[dict]:
+        return [{"answer": t, "answer_confidence": "yes", "answer_id": i + 1} for i, t in enumerate(texts)]
+
     anns = {"annotations": [
-        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
-        {"question_id": 2, "answer_type": "number", "question_type": "how many",
-         "answers": [{"answer": "2"}] * 2 + [{"answer": "3"}] * 8},
-        {"question_id": 3, "answer_type": "other", "question_type": "what color",
-         "answers": [{"answer": "red"}] * 10},
+        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": answers(*["yes"] * 10)},
+        {"question_id": 2, "answer_type": "number", "question_type": "how many", "answers": answers(*"2233333333")},
+        {"question_id": 3, "answer_type": "other", "question_type": "what color", "answers": answers(*["red"] * 10)},
     ]}
     qs = {"questions": [{"question_id": i, "image_id": i, "question": "?"} for i in (1, 2, 3)]}
     (tmp_path / "a.json").write_text(json.dumps(anns))
     (tmp_path / "q.json").write_text(json.dumps(qs))
     res = [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"}, {"question_id": 3, "answer": "blue"}]
     out = evaluate(res, tmp_path / "a.json", tmp_path / "q.json")
-    assert out["per_answer_type"] == {"number": 60.0, "other": 0.0, "yes/no": 100.0}
-    assert out["overall"] == round(100 * (1 + 0.6 + 0) / 3, 2) == 53.33
-    with pytest.raises(ValueError, match="1 missing"):
+    # question 2: "two" -> "2", 2 of 10 match: leaving out a "2" leaves 1 (1/3), leaving out a "3" leaves 2 (2/3)
+    q2 = (2 * 1 / 3 + 8 * 2 / 3) / 10
+    assert out["per_answer_type"] == {"number": round(100 * q2, 2), "other": 0.0, "yes/no": 100.0}
+    assert out["per_question"] == {1: 100.0, 2: 60.0, 3: 0.0}
+    assert out["overall"] == round(100 * (1 + q2 + 0) / 3, 2) == 53.33
+    with pytest.raises(InputError, match="1 missing"):
         evaluate(res[:2], tmp_path / "a.json", tmp_path / "q.json")

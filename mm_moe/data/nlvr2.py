@@ -20,6 +20,8 @@ from mm_moe.data.common import SeededItems, images_by_name, pad, require
 def read_nlvr2(path: str | Path) -> list[dict]:
     """Rows of an NLVR2 .json(l) file, checked for the fields we use."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

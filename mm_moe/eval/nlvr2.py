@@ -1,29 +1,64 @@
-"""NLVR2 metrics: accuracy, and consistency (the share of unique sentences whose every example is right)."""
+"""NLVR2 metrics as the official lil-lab/nlvr `nlvr2/eval/metrics.py` computes them: accuracy, and consistency
+(the share of sentences whose every example is right), with the official grouping and CSV format."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 from mm_moe.config import InputError
 
 
-def nlvr2_metrics(rows: list[dict], predictions: dict[str, bool]) -> dict[str, float]:
-    """rows: the official JSON Lines records (identifier, sentence, label); predictions: identifier -> truth.
+def consistency_key(identifier: str) -> str:
+    """The official grouping of examples into sentences: the identifier with its third dash-separated part
+    blanked ("dev-850-0-1" -> "dev-850--1"; the sentence text itself is not used)."""
+    parts = identifier.split("-")
+    if len(parts) < 3:
+        raise InputError(f"NLVR2 identifier {identifier!r}: expected split-set-pair-sentence (e.g. 'dev-850-0-1')")
+    parts[2] = ""
+    return "-".join(parts)
 
-    Consistency groups examples by their sentence (an NLVR2 sentence is paired with several image pairs).
-    """
-    missing = [r["identifier"] for r in rows if r["identifier"] not in predictions]
-    if missing:
-        raise InputError(f"no prediction for {len(missing)} identifier(s), e.g. {missing[:3]}")
-    correct = {r["identifier"]: predictions[r["identifier"]] == (r["label"] == "True") for r in rows}
-    by_sentence: dict[str, list[bool]] = defaultdict(list)
+
+def nlvr2_metrics(rows: list[dict], predictions: dict[str, bool | str]) -> dict[str, float]:
+    """rows: the labelled JSON Lines records (identifier, label); predictions: identifier -> True / False (or the
+    official CSV's strings, compared case-insensitively). Accuracy and consistency in percent, unrounded (the
+    official script prints the fractions)."""
+    if len(predictions) < len(rows):
+        missing = [r["identifier"] for r in rows if r["identifier"] not in predictions]
+        raise InputError(f"Some predictions are missing! Got {len(predictions)} predictions but expected {len(rows)} "
+                         f"(missing e.g. {missing[:3]})")
+    consistent: dict[str, bool] = {}
+    correct = 0
     for r in rows:
-        by_sentence[r["sentence"]].append(correct[r["identifier"]])
-    return {"accuracy": round(100 * sum(correct.values()) / len(rows), 2),
-            "consistency": round(100 * sum(all(v) for v in by_sentence.values()) / len(by_sentence), 2)}
+        key = consistency_key(r["identifier"])
+        consistent.setdefault(key, True)
+        if r["identifier"] not in predictions:
+            raise InputError(f"no prediction for identifier {r['identifier']!r}")
+        if str(predictions[r["identifier"]]).lower() == str(r["label"]).lower():
+            correct += 1
+        else:
+            consistent[key] = False
+    return {"accuracy": 100 * correct / len(rows), "consistency": 100 * sum(consistent.values()) / len(consistent)}
 
 
 def write_predictions(path: str | Path, predictions: dict[str, bool]) -> None:
-    """The NLVR2 predictions CSV: one `identifier,True|False` line per example."""
+    """The official predictions CSV: one `identifier,True|False` line per example, no header."""
     Path(path).write_text("".join(f"{i},{p}\n" for i, p in predictions.items()))
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """An official predictions CSV (`identifier,prediction` lines) as identifier -> prediction."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(",")
+        if len(parts) < 2 or parts[1].lower() not in ("true", "false"):
+            raise InputError(f"{path}:{n}: expected 'identifier,True|False', got {line.strip()!r:.60}")
+        out[parts[0]] = parts[1]
+    return out
+
+
+__all__ = ["consistency_key", "nlvr2_metrics", "write_predictions", "read_predictions"]

@@ -1,12 +1,19 @@
-"""The official VQA v2 accuracy (GT-Vision-Lab vqaEval.py), with its answer normalisation reproduced exactly.
+"""The official VQA v2 accuracy: GT-Vision-Lab/VQA vqaEval.py at its current revision (a013f00, 2021-03-11,
+"Fixed processing answers bug"), its answer normalisation reproduced exactly.
 
-Quirks kept on purpose, because leaderboard numbers depend on them:
+Per question: newlines and tabs become spaces and both ends are stripped, on the human answers and on the
+prediction. Only if the human answers are then not all identical, processPunctuation and processDigitArticle
+are applied to every human answer and to the prediction; if they are all identical nothing else is normalised
+on either side (a prediction "Yes" scores 0 against ten "yes"). Quirks kept on purpose, because leaderboard
+numbers depend on them:
 - punctuation is deleted when it touches a space (or the text has a digit,comma,digit pattern), else
   replaced by a space; the check looks at the *original* text for every symbol;
 - every '.' not followed by a digit is removed, but at most 32 times (vqaEval passes re.UNICODE, = 32, as count);
 - contraction keys with capitals ("Im", "Ive", ...) never match, since words are lower-cased first;
-- ground-truth answers get punctuation processing only when the 10 answers are not all identical,
-  and never digit/article processing; predictions always get both.
+- leave-one-out drops every answer *record* equal to the left-out one (dict comparison): records that differ
+  only by answer_id (all real ones) leave out one at a time, identical records leave out together.
+`legacy=True` gives the 2017 revision (a4f1afd): the prediction always normalised, human answers never
+whitespace-cleaned and only punctuation-processed, only when not all identical.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from mm_moe.config import InputError
@@ -72,21 +80,34 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """What vqaEval does to a prediction; also used to build the answer vocabulary."""
+    """Whitespace cleaning, processPunctuation and processDigitArticle: what vqaEval does to both sides when the
+    human answers disagree; the answer vocabulary and the soft targets use it."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """Accuracy of one prediction against the human answers: mean over leave-one-out subsets of min(1, matches/3)."""
-    pred = normalize_answer(prediction)
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in gt_answers]
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    accs = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
-        accs.append(min(1.0, sum(a == pred for a in others) / 3))
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str | dict], legacy: bool = False) -> float:
+    """Accuracy of one prediction against the human answers (strings, or the annotation's answer records):
+    the mean over leave-one-out subsets of min(1, matches / 3), as vqaEval.py computes it."""
+    records = [dict(a) if isinstance(a, dict) else {"answer": a, "answer_id": i} for i, a in enumerate(answers)]
+    pred = _clean(prediction)
+    if legacy:
+        pred = process_digit_article(process_punctuation(pred))
+        if len({r["answer"] for r in records}) > 1:
+            for r in records:
+                r["answer"] = process_punctuation(r["answer"])
+    else:
+        for r in records:
+            r["answer"] = _clean(r["answer"])
+        if len({r["answer"] for r in records}) > 1:
+            for r in records:
+                r["answer"] = process_digit_article(process_punctuation(r["answer"]))
+            pred = process_digit_article(process_punctuation(pred))
+    accs = [min(1.0, sum(o["answer"] == pred for o in records if o != left_out) / 3) for left_out in records]
     return sum(accs) / len(accs)
 
 
@@ -158,10 +179,12 @@ def check_results(results: list, where: str = "results") -> None:
             raise InputError(f"{where}[{i}]: expected {{'question_id': int, 'answer': string}}, got {r!r:.80}")
 
 
-def evaluate(results: list[dict], annotations: str | Path, questions: str | Path) -> dict:
-    """Score [{"question_id", "answer"}] like vqaEval: percentages rounded to 2 decimals, overall and per type.
+def evaluate(results: list[dict], annotations: str | Path, questions: str | Path, legacy: bool = False) -> dict:
+    """Score [{"question_id", "answer"}] like vqaEval: percentages rounded to 2 decimals (overall and per type
+    from the unrounded accuracies, per question each rounded), as its accuracy / evalQA dicts.
 
     Every question of the question file must have exactly one result (as the official loadRes asserts).
+    `legacy`: the 2017 revision of vqaEval.py.
     """
     anns = read_annotations(annotations)
     qids = {q["question_id"] for q in read_questions(questions)}
@@ -172,13 +195,14 @@ def evaluate(results: list[dict], annotations: str | Path, questions: str | Path
         raise InputError(f"results must answer every question of {questions} once: {len(missing)} missing "
                          f"(e.g. {sorted(missing)[:3]}), {len(extra)} unknown (e.g. {sorted(extra)[:3]}), "
                          f"{len(results) - len(by_qid)} duplicated")
-    per_q, per_answer_type, per_question_type = {}, defaultdict(list), defaultdict(list)
+    per_q, accs, per_answer_type, per_question_type = {}, [], defaultdict(list), defaultdict(list)
     for qid in sorted(qids):
         if qid not in anns:
             raise InputError(f"{annotations}: no annotation for question_id {qid} of {questions}")
         ann = anns[qid]
-        acc = vqa_accuracy(by_qid[qid], [a["answer"] for a in ann["answers"]])
-        per_q[qid] = acc
+        acc = vqa_accuracy(by_qid[qid], ann["answers"], legacy)
+        per_q[qid] = round(100 * acc, 2)
+        accs.append(acc)
         per_answer_type[ann["answer_type"]].append(acc)
         per_question_type[ann["question_type"]].append(acc)
 
@@ -186,7 +210,7 @@ def evaluate(results: list[dict], annotations: str | Path, questions: str | Path
         return round(100 * sum(xs) / len(xs), 2)
 
     return {
-        "overall": pct(list(per_q.values())),
+        "overall": pct(accs),
         "per_answer_type": {k: pct(v) for k, v in sorted(per_answer_type.items())},
         "per_question_type": {k: pct(v) for k, v in sorted(per_question_type.items())},
         "per_question": per_q,

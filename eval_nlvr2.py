@@ -1,0 +1,69 @@
+"""NLVR2 evaluation: predict with a fine-tuned run and/or score an official predictions CSV, as lil-lab/nlvr
+`nlvr2/eval/metrics.py` does (accuracy; consistency over identifiers with the third part blanked).
+
+    python eval_nlvr2.py --ckpt runs/nlvr2_demo --data nlvr2/dev.json --images nlvr2/images [--out preds.csv]
+    python eval_nlvr2.py --results preds.csv --data nlvr2/test1.json
+
+Predictions are written as the official CSV (`identifier,True|False` per line) and scored against the labels
+of --data (dev, test-P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a fine-tuned NLVR2 checkpoint or run directory")
+    src.add_argument("--results", type=Path, help="an existing predictions CSV to score")
+    p.add_argument("--data", type=Path, required=True, help="NLVR2 JSON Lines (dev.json, test1.json)")
+    p.add_argument("--images", type=Path, help="image folder (with --ckpt)")
+    p.add_argument("--out", type=Path, help="predictions CSV to write (default: next to the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.ckpt and args.images is None:
+        p.error("--ckpt needs --images")
+    from mm_moe.config import InputError, one_line
+
+    try:
+        run(args)
+    except InputError as err:
+        print(f"eval_nlvr2.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Predict (--ckpt) and score."""
+    from mm_moe.data.nlvr2 import read_nlvr2
+    from mm_moe.eval import nlvr2_metrics, read_predictions, write_predictions
+
+    rows = read_nlvr2(args.data)
+    if args.ckpt:
+        import torch
+
+        from mm_moe.data import NLVR2Dataset, eval_transform, load_tokenizer
+        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.eval import nlvr2_predictions
+        from mm_moe.inference import load_nlvr2_model
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_nlvr2_model(args.ckpt)
+        ds = NLVR2Dataset(args.data, args.images, load_tokenizer(), eval_transform(cfg.model.img_size),
+                          cfg.model.max_text_len)
+        predictions = nlvr2_predictions(model.to(device), ds, args.batch_size, device)
+        out = args.out or resolve_checkpoint(args.ckpt) / f"nlvr2_predictions_{args.data.stem}.csv"
+        write_predictions(out, predictions)
+        print(f"wrote {len(predictions)} predictions to {out}")
+    else:
+        predictions = read_predictions(args.results)
+    print(json.dumps(nlvr2_metrics(rows, predictions), indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
