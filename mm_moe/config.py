@@ -279,10 +279,10 @@ class PretrainDataConfig:
 class TaskDataConfig:
     """Fine-tuning data in the official formats."""
 
-    vqa_train_questions: str = ""
-    """VQA v2 questions json of the training split."""
-    vqa_train_annotations: str = ""
-    """VQA v2 annotations json of the training split."""
+    vqa_train_questions: str | tuple[str, ...] = ""
+    """VQA v2 questions json(s) of the training split(s) (a list for train + val, as BEiT-3's recipe)."""
+    vqa_train_annotations: str | tuple[str, ...] = ""
+    """VQA v2 annotations json(s), in the order of vqa_train_questions; the answer vocabulary comes from all."""
     vqa_val_questions: str = ""
     """VQA v2 questions json scored after training (empty: no scoring)."""
     vqa_val_annotations: str = ""
@@ -343,7 +343,10 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -409,6 +412,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise _mismatch(where, tp, value)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, list | tuple):
+                raise _mismatch(where, tp, value)
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise _mismatch(where, tp, value)
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))

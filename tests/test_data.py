@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import this
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
+from mm_moe.eval.vqa_metric import normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +195,21 @@ def test_vqa_dataset_reads_official_format(world, tok):
     batch = ds.collate([ds[i] for i in range(5)])
     assert batch["images"].shape == (5, 3, 32, 32) and batch["targets"].shape == (5, len(vocab))
     assert torch.equal(batch["targets"].max(1).values, torch.ones(5))  # 10 identical answers: score 1
+
+
+def test_vqa_train_plus_val_files(world, tok, tmp_path):
+    """BEiT-3 trains VQA on train + val: lists of question and annotation files; the vocabulary counts all."""
+    out, summary = world
+    qs = [out / "vqa" / f"v2_OpenEnded_mscoco_{s}2014_questions.json" for s in ("train", "val")]
+    anns = [out / "vqa" / f"v2_mscoco_{s}2014_annotations.json" for s in ("train", "val")]
+    vocab = AnswerVocab.build(anns, min_count=1)
+    ds = VQADataset(qs, out / "vqa" / "images", tok, eval_transform(32), anns, vocab)
+    assert len(ds) == summary["vqa_train"]["questions"] + summary["vqa_val"]["questions"]
+    answers = [json.loads(a.read_text())["annotations"] for a in anns]
+    counts = Counter(normalize_answer(x["multiple_choice_answer"]) for part in answers for x in part)
+    assert vocab.answers == sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first, ties alphabetical
+    with pytest.raises(InputError, match=r"question_id \d+ is in an earlier file too"):
+        VQADataset([qs[0], qs[0]], out / "vqa" / "images", tok, eval_transform(32))
 
 
 def test_answer_vocab_and_soft_scores(tmp_path):

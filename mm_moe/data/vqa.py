@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,13 @@ from torch.utils.data import Dataset
 from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, images_by_number, pad, read_json, require
 from mm_moe.eval.vqa_metric import normalize_answer, read_annotations, read_questions
+
+PathOrPaths = str | Path | Sequence[str | Path]
+
+
+def as_paths(files: PathOrPaths) -> list[Path]:
+    """One file or several (VQA train + val) as a list of paths."""
+    return [Path(files)] if isinstance(files, str | Path) else [Path(f) for f in files]
 
 
 class AnswerVocab:
@@ -31,9 +38,10 @@ class AnswerVocab:
         return len(self.answers)
 
     @classmethod
-    def build(cls, annotation_files: list[str | Path], min_count: int = 9) -> AnswerVocab:
+    def build(cls, annotation_files: PathOrPaths, min_count: int = 9) -> AnswerVocab:
+        """Normalised multiple_choice_answers of all files seen at least `min_count` times."""
         counts: Counter[str] = Counter()
-        for path in annotation_files:
+        for path in as_paths(annotation_files):
             for i, ann in enumerate(read_json(path, ("annotations",))["annotations"]):
                 require(ann, ("multiple_choice_answer",), f"{path}: annotations[{i}]")
                 counts[normalize_answer(ann["multiple_choice_answer"])] += 1
@@ -59,19 +67,25 @@ class AnswerVocab:
 class VQADataset(SeededItems, Dataset):
     """One item per question: image, tokenised question, and (with annotations) soft answer scores."""
 
-    def __init__(self, questions: str | Path, images: str | Path, tokenizer: Any, transform: Callable,
-                 annotations: str | Path | None = None, vocab: AnswerVocab | None = None, max_text_len: int = 64) -> None:
-        self.questions = read_questions(questions)
-        for i, q in enumerate(self.questions):
-            require(q, ("question_id", "image_id", "question"), f"{questions}: questions[{i}]")
+    def __init__(self, questions: PathOrPaths, images: str | Path, tokenizer: Any, transform: Callable,
+                 annotations: PathOrPaths | None = None, vocab: AnswerVocab | None = None, max_text_len: int = 64) -> None:
+        self.questions, seen = [], set()
+        for path in as_paths(questions):
+            for i, q in enumerate(read_questions(path)):
+                require(q, ("question_id", "image_id", "question"), f"{path}: questions[{i}]")
+                if q["question_id"] in seen:
+                    raise InputError(f"{path}: questions[{i}]: question_id {q['question_id']} is in an earlier file too")
+                seen.add(q["question_id"])
+                self.questions.append(q)
         self.image_paths = images_by_number(images)
         missing = sorted({q["image_id"] for q in self.questions} - set(self.image_paths))
         if missing:
             raise InputError(f"{images}: no image for {len(missing)} image_id(s) of {questions}, e.g. {missing[:3]}")
         self.answers: dict[int, list[str]] = {}
         if annotations is not None:
-            for qid, ann in read_annotations(annotations, fields=()).items():
-                self.answers[qid] = [a["answer"] for a in ann["answers"]]
+            for path in as_paths(annotations):
+                for qid, ann in read_annotations(path, fields=()).items():
+                    self.answers[qid] = [a["answer"] for a in ann["answers"]]
             unanswered = [q["question_id"] for q in self.questions if q["question_id"] not in self.answers]
             if unanswered:
                 raise InputError(f"{annotations}: no annotation for question_id(s) {unanswered[:3]} of {questions}")

@@ -93,9 +93,10 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
                                           num_workers=t.num_workers, rank=rank, world=world)
 
     if cfg.task == "vqa":
-        vocab = AnswerVocab.build([d.vqa_train_annotations], d.answer_min_count)
+        vocab = AnswerVocab.build(d.vqa_train_annotations, d.answer_min_count)
         if not len(vocab):
-            raise ValueError(f"{d.vqa_train_annotations}: no answer occurs {d.answer_min_count}+ times")
+            raise InputError(f"data.vqa_train_annotations={d.vqa_train_annotations}: no answer occurs "
+                             f"{d.answer_min_count}+ times")
         ds = VQADataset(d.vqa_train_questions, d.vqa_images, tokenizer, train_tf, d.vqa_train_annotations, vocab,
                         m.max_text_len)
         source = f"data.vqa_train_questions={d.vqa_train_questions}"
