@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| result | ours | baseline |\n|---|---|---|")
     for name, ours, base in rows:
         print(f"| {name} | {ours} | {base} |")
-    print(f"\nexample caption: {cap['example']!r}\nper answer type: {vqa['per_answer_type']}")
+    per_type = {k.removeprefix("vqa_val_"): v for k, v in vqa.items() if k.startswith("vqa_val_") and k != "vqa_val_accuracy"}
+    print(f"\nexample caption: {cap['example']!r}\nper answer type: {per_type}")
     print(f"total {report['minutes']} min; everything is in {out}/")
     return 0
 

@@ -1,4 +1,6 @@
-"""Train: masked multimodal pretraining on webdataset shards, or fine-tuning on VQA v2 / NLVR2 / COCO captions.
+"""Train: masked multimodal pretraining on webdataset shards, or fine-tuning on VQA v2 / NLVR2 / COCO captions
+(validated every train.eval_every steps and at the end when validation data is configured; the best weights
+are kept in run_dir/best/, which --init and the eval commands accept).
 
     python train_mm.py pretrain --config configs/pretrain_demo.yaml [key=value ...] [--resume | --auto-resume]
     python train_mm.py finetune vqa --config configs/finetune_vqa_demo.yaml --init runs/pretrain_demo [key=value ...]
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from mm_moe.config import ConfigError, InputError, RunConfig, load_config, one_line
 
@@ -52,28 +53,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     return args, cfg
 
 
-def evaluate_task(cfg: RunConfig, model, tokenizer, answers: list[str] | None, device) -> dict | None:
-    """Validation score after fine-tuning (when validation files are configured)."""
-    from mm_moe.data import NLVR2Dataset, VQADataset, eval_transform
-    from mm_moe.eval import evaluate_vqa, nlvr2_metrics, nlvr2_predictions, vqa_predictions, write_predictions
-
-    d, m, run_dir = cfg.data, cfg.model, Path(cfg.run_dir)
-    if cfg.task == "vqa" and d.vqa_val_questions:
-        ds = VQADataset(d.vqa_val_questions, d.vqa_images, tokenizer, eval_transform(m.img_size), max_text_len=m.max_text_len)
-        results = vqa_predictions(model, ds, answers, cfg.train.batch_size, device)
-        (run_dir / "vqa_val_results.json").write_text(json.dumps(results))
-        report = evaluate_vqa(results, d.vqa_val_annotations, d.vqa_val_questions)
-        report.pop("per_question")
-        return {"vqa_val_accuracy": report["overall"], **report}
-    if cfg.task == "nlvr2" and d.nlvr2_dev:
-        ds = NLVR2Dataset(d.nlvr2_dev, d.nlvr2_images, tokenizer, eval_transform(m.img_size), m.max_text_len)
-        preds = nlvr2_predictions(model, ds, cfg.train.batch_size, device)
-        write_predictions(run_dir / "nlvr2_dev_predictions.csv", preds)
-        metrics = nlvr2_metrics(ds.rows, preds)
-        return {"nlvr2_dev_accuracy": metrics["accuracy"], "nlvr2_dev_consistency": metrics["consistency"]}
-    return None
-
-
 def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     """The run: set up, train, evaluate."""
     import torch
@@ -102,13 +81,9 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     trainer = Trainer(task, cfg, info)
     if has_ckpt and (resumed := trainer.resume()) is not None and info.is_main:
         print(f"resumed {cfg.run_dir} from {resumed.name} (step {trainer.step})", file=sys.stderr)
-    model = trainer.fit()
-    if info.is_main:
-        answers = task.answer_vocab.answers if task.answer_vocab is not None else None
-        report = evaluate_task(cfg, model, tokenizer, answers, info.device)
-        if report:
-            (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(report, indent=2))
-            print(json.dumps({k: v for k, v in report.items() if k != "per_question"}, indent=2))
+    trainer.fit()
+    if info.is_main and trainer.scores:
+        print(json.dumps(trainer.scores, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

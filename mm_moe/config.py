@@ -229,6 +229,9 @@ class TrainConfig:
     """Steps between metrics.jsonl records."""
     ckpt_every: PosInt = 500
     """Steps between checkpoints (the last step is always saved)."""
+    eval_every: PosInt | None = None
+    """Steps between validations of a fine-tuning task with validation data (the last step is always validated);
+    the best score's weights are kept in run_dir/best/."""
     keep_last: PosInt = 2
     """Checkpoints kept."""
     ema_decay: Annotated[float, Range(gt=0, lt=1)] | None = None
@@ -303,6 +306,10 @@ class TaskDataConfig:
     """Folder of the COCO images."""
     caption_mask_prob: Annotated[float, Range(gt=0, le=1)] = 0.6
     """Share of caption tokens masked in captioning fine-tuning (BEiT-3)."""
+    caption_val_split: str = "val"
+    """Karpathy split captioned and scored in validation (empty: no scoring)."""
+    caption_beam: PosInt = 3
+    """Beam size of caption validation."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm_moe.data import write_world
 from mm_moe.data.nlvr2 import read_nlvr2
@@ -70,3 +71,70 @@ def test_eval_vqa_current_and_legacy_revisions(tmp_path, capsys):
     evaluate = script("eval_vqa.py").main
     assert evaluate(args) == 0 and json.loads(capsys.readouterr().out)["overall"] == 0.0
     assert evaluate([*args, "--legacy-2017"]) == 0 and json.loads(capsys.readouterr().out)["overall"] == 100.0
+
+
+def vqa_args(world: Path, run: Path, *extra: str) -> list[str]:
+    v = world / "vqa"
+    return ["finetune", "vqa", "--config", str(ROOT / "configs/finetune_vqa_demo.yaml"), *TINY, f"run_dir={run}",
+            f"data.vqa_train_questions={v}/v2_OpenEnded_mscoco_train2014_questions.json",
+            f"data.vqa_train_annotations={v}/v2_mscoco_train2014_annotations.json", f"data.vqa_images={v}/images",
+            f"data.vqa_val_questions={v}/v2_OpenEnded_mscoco_val2014_questions.json",
+            f"data.vqa_val_annotations={v}/v2_mscoco_val2014_annotations.json", *extra]
+
+
+@pytest.mark.slow
+def test_periodic_validation_keeps_the_best_checkpoint(tmp_path, world, capsys):
+    run = tmp_path / "vqa"
+    train = script("train_mm.py").main
+    assert train(vqa_args(world, run, "train.steps=4", "train.eval_every=1", "optim.lr=3e-3", "optim.warmup_steps=1")) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["vqa_val_accuracy"] for r in records if "vqa_val_accuracy" in r}
+    assert sorted(scores) == [1, 2, 3, 4]
+    best_step = max(scores, key=lambda s: (scores[s], -s))  # the first step reaching the maximum
+    kept = torch.load(run / "best" / "trainer.pt", weights_only=True)
+    assert kept == {"step": best_step, "metric": "vqa_val_accuracy", "value": scores[best_step], "world_size": 1}
+    report = json.loads((run / "eval.json").read_text())
+    assert report["vqa_val_accuracy"] == scores[4] and report["best"] == {"vqa_val_accuracy": scores[best_step]}
+    # the eval command on best/ reproduces the best score; --init accepts best/
+    v = world / "vqa"
+    capsys.readouterr()
+    assert script("eval_vqa.py").main(["--ckpt", str(run / "best"), "--images", str(v / "images"), "--out",
+                                       str(tmp_path / "r.json"), "--questions",
+                                       str(v / "v2_OpenEnded_mscoco_val2014_questions.json"), "--annotations",
+                                       str(v / "v2_mscoco_val2014_annotations.json")]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["overall"] == scores[best_step]
+    assert train(vqa_args(world, tmp_path / "again", "--init", str(run / "best"), "train.steps=1")) == 0
+
+
+@pytest.mark.slow
+def test_caption_fine_tuning_is_scored_with_the_coco_tools(tmp_path, world, capsys):
+    run = tmp_path / "caption"
+    assert script("train_mm.py").main(
+        ["finetune", "caption", "--config", str(ROOT / "configs/finetune_caption_demo.yaml"), *TINY, f"run_dir={run}",
+         f"data.karpathy={world}/coco/dataset_coco.json", f"data.coco_images={world}/vqa/images",
+         "train.eval_every=1", "data.caption_beam=2"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert 0 <= report[f"caption_val_{metric}"] <= 10, metric
+    results = json.loads((run / "caption_val_results.json").read_text())
+    assert {r["image_id"] for r in results} == {im["cocoid"] for im in json.loads(
+        (world / "coco" / "dataset_coco.json").read_text())["images"] if im["split"] == "val"}
+    assert (run / "best" / "model.safetensors").is_file()
+    # the eval command: caption the split from the run, write the server format, score it; scoring the file alone
+    # gives the same numbers, which equal the validation's on the same split
+    evaluate = script("eval_caption.py").main
+    karpathy = ["--karpathy", str(world / "coco" / "dataset_coco.json"), "--split", "val"]
+    capsys.readouterr()
+    assert evaluate(["--ckpt", str(run), "--images", str(world / "vqa" / "images"), "--beam", "2",
+                     "--out", str(tmp_path / "caps.json"), *karpathy]) == 0
+    out = capsys.readouterr().out
+    scored = json.loads(out[out.index('{\n  "images_scored"'):])  # pycocoevalcap prints dicts before it
+    assert scored["images_scored"] == scored["images_in_split"] == len(results)
+    assert {k: scored[k] for k in ("CIDEr", "BLEU-4")} == {k: report[f"caption_val_{k}"] for k in ("CIDEr", "BLEU-4")}
+    assert evaluate(["--results", str(tmp_path / "caps.json"), *karpathy]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index('{\n  "images_scored"'):]) == scored
+    (tmp_path / "bad.json").write_text(json.dumps([{"image_id": "x", "caption": "a"}]))
+    assert evaluate(["--results", str(tmp_path / "bad.json"), *karpathy]) == 1
+    assert "results[0]: expected {'image_id': int, 'caption': string}" in capsys.readouterr().err

@@ -137,6 +137,7 @@ print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
     ("eval_vqa.py", ["eval_vqa.py", "--help"], "usage:"),
     ("eval_vqa.py", ["eval_vqa.py", "--results", "r.json", "--questions", "q.json"], "--results needs --annotations"),
     ("eval_nlvr2.py", ["eval_nlvr2.py", "--help"], "usage:"),
+    ("eval_caption.py", ["eval_caption.py", "--help"], "usage:"),
     ("eval_nlvr2.py", ["eval_nlvr2.py", "--ckpt", "runs/x", "--data", "d.json"], "--ckpt needs --images"),
 ])
 def test_cli_answers_help_and_bad_input_without_importing_torch(script, argv, expect):

@@ -173,11 +173,14 @@ def _files(folder: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: dict, *,
                     optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None,
-                    trainer_state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write run_dir/step-XXXXXXXX/ atomically (collective: every rank calls it); prune to the `keep_last` newest."""
+                    trainer_state: dict[str, Any] | None = None, keep_last: int | None = None,
+                    name: str | None = None) -> Path:
+    """Write run_dir/step-XXXXXXXX/ (or run_dir/`name`/) atomically (collective: every rank calls it); prune the
+    step-* checkpoints to the `keep_last` newest."""
     rank, world = _rank_world()
     run_dir = Path(run_dir)
-    final, tmp = run_dir / f"step-{step:08d}", run_dir / f"step-{step:08d}.tmp"
+    name = name or f"step-{step:08d}"
+    final, tmp = run_dir / name, run_dir / f"{name}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -51,13 +51,17 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
-    """The records of a run's metrics.jsonl by step (the last record wins if a step repeats)."""
+    """The records of a run's metrics.jsonl by step, the records of one step (training, validation) merged."""
     path = Path(run_dir) / "metrics.jsonl"
-    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+    out: dict[int, dict] = {}
+    for record in map(json.loads, path.read_text().splitlines() if path.is_file() else []):
+        out[record["step"]] = {**out.get(record["step"], {}), **record}
+    return out
 
 
-def plot_curves(run_dir: str | Path) -> Path | None:
-    """run_dir/curves.png: loss, aux loss and expert load imbalance over steps (None without metrics)."""
+def plot_curves(run_dir: str | Path, validation: tuple[str, ...] = ()) -> Path | None:
+    """run_dir/curves.png: loss, aux loss and expert load imbalance over steps, and the `validation` scores
+    (None without metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,11 +71,12 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     records = read_metrics(run_dir)
     if not records:
         return None
-    steps = sorted(records)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ("loss", "aux_loss", "load_imbalance"),
-                              ("loss (task + aux)", "MoE aux loss", "load imbalance (max / mean load)"), strict=True):
-        ax.plot(steps, [records[s].get(key, float("nan")) for s in steps])
+    panels = [("loss", "loss (task + aux)"), ("aux_loss", "MoE aux loss"),
+              ("load_imbalance", "load imbalance (max / mean load)"), *((k, f"validation: {k}") for k in validation)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        steps = [s for s in sorted(records) if key in records[s]]
+        ax.plot(steps, [records[s][key] for s in steps], marker="o" if key in validation else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -8,20 +8,33 @@ finetune vqa | nlvr2 | caption: the official-format datasets of mm_moe.data.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mm_moe.config import InputError, ObjectivesConfig, RunConfig
-from mm_moe.data.coco import CaptionDataset
+from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.common import epoch_loader, epoch_seed
 from mm_moe.data.masking import mask_caption
 from mm_moe.data.nlvr2 import NLVR2Dataset
 from mm_moe.data.shards import pretrain_loader, shard_urls
-from mm_moe.data.transforms import train_transform
+from mm_moe.data.transforms import eval_transform, train_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
 from mm_moe.engine.trainer import Task
+from mm_moe.eval import (
+    BeamConfig,
+    evaluate_captions,
+    evaluate_vqa,
+    nlvr2_metrics,
+    nlvr2_predictions,
+    vqa_predictions,
+    write_predictions,
+)
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
 
 
@@ -79,6 +92,60 @@ def build_pretrain(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
                 source=f"pretrain_data.shards={d.shards}")
 
 
+Evaluator = Callable[[nn.Module, Path | None], dict[str, float]]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def finetune_evaluator(cfg: RunConfig, tokenizer: Any, answers: list[str] | None = None) -> tuple[Evaluator | None, str]:
+    """The validation of `cfg.task` on its configured validation data, and the metric that picks the best
+    checkpoint; (None, "") when no validation data is configured. The evaluator scores a model and, given a
+    folder, writes the predictions there (VQA results json, NLVR2 CSV, COCO caption results)."""
+    d, m, bs = cfg.data, cfg.model, cfg.train.batch_size
+    tf = eval_transform(m.img_size)
+    if cfg.task == "vqa" and d.vqa_val_questions:
+        ds = VQADataset(d.vqa_val_questions, d.vqa_images, tokenizer, tf, max_text_len=m.max_text_len)
+
+        def vqa(model: nn.Module, out: Path | None) -> dict[str, float]:
+            results = vqa_predictions(model, ds, answers, bs, _device(model))
+            if out is not None:
+                (out / "vqa_val_results.json").write_text(json.dumps(results))
+            report = evaluate_vqa(results, d.vqa_val_annotations, d.vqa_val_questions)
+            return {"vqa_val_accuracy": report["overall"],
+                    **{f"vqa_val_{k.replace('/', '_')}": v for k, v in report["per_answer_type"].items()}}
+
+        return vqa, "vqa_val_accuracy"
+    if cfg.task == "nlvr2" and d.nlvr2_dev:
+        ds = NLVR2Dataset(d.nlvr2_dev, d.nlvr2_images, tokenizer, tf, m.max_text_len)
+
+        def nlvr2(model: nn.Module, out: Path | None) -> dict[str, float]:
+            preds = nlvr2_predictions(model, ds, bs, _device(model))
+            if out is not None:
+                write_predictions(out / "nlvr2_dev_predictions.csv", preds)
+            metrics = nlvr2_metrics(ds.rows, preds)
+            return {"nlvr2_dev_accuracy": metrics["accuracy"], "nlvr2_dev_consistency": metrics["consistency"]}
+
+        return nlvr2, "nlvr2_dev_accuracy"
+    if cfg.task == "caption" and d.caption_val_split:
+        split = d.caption_val_split
+        ds = CaptionDataset(d.karpathy, d.coco_images, tokenizer, tf, splits=(split,), per_image=True,
+                            max_text_len=m.max_text_len)
+        beam = BeamConfig(beam_size=d.caption_beam, max_len=m.max_text_len - 2)
+
+        def caption(model: nn.Module, out: Path | None) -> dict[str, float]:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = out or Path(tmp)
+                gt = write_coco_gt(d.karpathy, split, folder / f"caption_{split}_gt.json")
+                scores = evaluate_captions(model, ds, tokenizer, gt, folder / f"caption_{split}_results.json", beam,
+                                           bs, _device(model))
+            return {f"caption_{split}_{k}": v for k, v in scores.items()}
+
+        return caption, f"caption_{split}_CIDEr"
+    return None, ""
+
+
 def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
     """The model (fresh head), loader and loss of the fine-tuning task `cfg.task`."""
     d, m, t = cfg.data, cfg.model, cfg.train
@@ -102,13 +169,13 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
         source = f"data.vqa_train_questions={d.vqa_train_questions}"
         return Task(BEiT3ForVQA(m, len(vocab)), loader(ds, source),
                     lambda model, b: model(b["images"], b["text_ids"], b["text_padding"], b["targets"]), tokens, vocab,
-                    source)
+                    source, *finetune_evaluator(cfg, tokenizer, vocab.answers))
     if cfg.task == "nlvr2":
         ds = NLVR2Dataset(d.nlvr2_train, d.nlvr2_images, tokenizer, train_tf, m.max_text_len)
         source = f"data.nlvr2_train={d.nlvr2_train}"
         return Task(BEiT3ForNLVR2(m), loader(ds, source),
                     lambda model, b: model(b["images_left"], b["images_right"], b["text_ids"], b["text_padding"],
-                                           b["labels"]), tokens, source=source)
+                                           b["labels"]), tokens, None, source, *finetune_evaluator(cfg, tokenizer))
     if cfg.task == "caption":
         ds = CaptionDataset(d.karpathy, d.coco_images, tokenizer, train_tf, max_text_len=m.max_text_len)
         never = set(tokenizer.all_special_ids) - {tokenizer.sep_token_id}  # [SEP] ends a caption: it is predicted too
@@ -119,7 +186,8 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
             return model(b["images"], inputs, b["text_padding"], labels)
 
         source = f"data.karpathy={d.karpathy}"
-        return Task(BEiT3ForCaptioning(m), loader(ds, source), loss_fn, tokens, source=source)
+        return Task(BEiT3ForCaptioning(m), loader(ds, source), loss_fn, tokens, None, source,
+                    *finetune_evaluator(cfg, tokenizer))
     raise ValueError(f"build_finetune: task {cfg.task!r} is not a fine-tuning task (vqa, nlvr2, caption)")
 
 
@@ -129,4 +197,4 @@ def build_task(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) ->
     return build(cfg, tokenizer, rank, world)
 
 
-__all__ = ["encoder_tokens", "pretrain_loss", "build_pretrain", "build_finetune", "build_task"]
+__all__ = ["encoder_tokens", "pretrain_loss", "finetune_evaluator", "build_pretrain", "build_finetune", "build_task"]

@@ -10,6 +10,7 @@ data position (epoch, batches consumed), then fast-forwards the epoch's loader t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,10 @@ class Task:
     """VQA: the answers the head predicts over (saved as run_dir/answers.json)."""
     source: str = "the training data"
     """What the loader reads (a shard pattern, a file), named in errors."""
+    evaluate: Callable[[nn.Module, Path | None], dict[str, float]] | None = None
+    """Validation: scores of the bare model (writing its predictions into the folder, if given)."""
+    best_metric: str = ""
+    """The score of `evaluate` (higher is better) that picks run_dir/best/."""
 
 
 class TaskModule(nn.Module):
@@ -107,6 +112,8 @@ class Trainer:
         ema = cfg.train.ema_decay
         self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
         self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.best: float | None = None  # the best validation score so far (task.best_metric)
+        self.scores: dict[str, float] = {}  # the latest validation
         self.config = to_dict(cfg)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +126,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the run at this step (every rank takes part: each writes its shards)."""
         state = {"schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
-                 "batches_done": self.batches_done}
+                 "batches_done": self.batches_done, "best": self.best}
         save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
                         trainer_state=state, keep_last=self.cfg.train.keep_last)
 
@@ -135,6 +142,7 @@ class Trainer:
             state = load_training_state(ckpt, self.raw, self.optimizer, self.ema)
             self.schedule.load_state_dict(state["schedule"])
             self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+            self.best = state.get("best")
             if state["world_size"] != self.info.world_size:
                 log.warning("%s was saved by %d processes, resumed by %d: weights and optimizer are resharded; "
                             "each rank continues its own data stream from the saved position", ckpt,
@@ -144,6 +152,30 @@ class Trainer:
         if found:
             raise CheckpointError(f"{self.run_dir}: every checkpoint is damaged ({', '.join(p.name for p in found)})")
         return None
+
+    def validate(self) -> dict[str, float]:
+        """Score the model (the EMA weights when EMA is on) on the task's validation data, log the scores, and
+        keep run_dir/best/ when task.best_metric improves. Every rank takes part (expert-parallel and FSDP2
+        forwards need all of them) and scores the whole set; the main process writes the files."""
+        model = self.ema.module if self.ema is not None else self.raw
+        root = self.model if hasattr(self.model, "unshard") else None  # FSDP2: gather the root's own parameters
+        if root is not None:
+            root.unshard()
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.scores = self.task.evaluate(model, self.run_dir if self.info.is_main else None)
+        finally:
+            model.train()
+            if root is not None:
+                root.reshard()
+        self.metrics.log({"step": self.step, **self.scores})
+        value = self.scores[self.task.best_metric]
+        if self.best is None or value > self.best:
+            self.best = value
+            save_checkpoint(self.run_dir, self.step, model, self.config, name="best",
+                            trainer_state={"step": self.step, "metric": self.task.best_metric, "value": value})
+        return self.scores
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
@@ -218,11 +250,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", balance=f"{record['load_imbalance']:.2f}")
                     window, steps_in_window, t0 = {}, 0, time.perf_counter()
+                if self.task.evaluate is not None and (self.step == cfg.steps or (
+                        cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
+                    self.validate()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()
         self.metrics.close()
         if self.info.is_main:
-            plot_curves(self.run_dir)
+            plot_curves(self.run_dir, (self.task.best_metric,) if self.task.best_metric else ())
+            if self.scores:
+                (self.run_dir / "eval.json").write_text(json.dumps(
+                    {"step": self.step, **self.scores, "best": {self.task.best_metric: self.best}}, indent=2))
         if self.ema is not None:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw

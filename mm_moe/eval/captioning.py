@@ -117,6 +117,9 @@ def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = F
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
 
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or not isinstance(r.get("image_id"), int) or not isinstance(r.get("caption"), str):
+            raise InputError(f"results[{i}]: expected {{'image_id': int, 'caption': string}}, got {r!r:.80}")
     coco = COCO(str(gt_json))
     ids = sorted({r["image_id"] for r in results})
     if len(ids) != len(results):

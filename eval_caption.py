@@ -1,0 +1,84 @@
+"""COCO captioning evaluation: caption the images of a Karpathy split with a fine-tuned run and/or score a results
+file with pycocoevalcap's scorers (PTB tokenisation; BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE with --spice).
+
+    python eval_caption.py --ckpt runs/caption_demo --karpathy coco/dataset_coco.json --images coco [--split test]
+    python eval_caption.py --results captions.json --karpathy coco/dataset_coco.json [--split test]
+
+The results file is the [{"image_id", "caption"}] list the COCO and nocaps servers accept. As the official
+COCOEvalCap, scoring covers the images of the results file; the split's count is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a fine-tuned captioning checkpoint or run directory (or its best/)")
+    src.add_argument("--results", type=Path, help="an existing results file to score")
+    p.add_argument("--karpathy", type=Path, required=True, help="Karpathy dataset_coco.json (the ground truth)")
+    p.add_argument("--split", default="test", help="Karpathy split (default: test)")
+    p.add_argument("--images", type=Path, help="COCO image folder (with --ckpt)")
+    p.add_argument("--out", type=Path, help="results file to write (default: next to the checkpoint)")
+    p.add_argument("--beam", type=int, default=3, help="beam size")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
+    args = p.parse_args(argv)
+    if args.ckpt and args.images is None:
+        p.error("--ckpt needs --images")
+    from mm_moe.config import InputError, one_line
+
+    try:
+        run(args)
+    except InputError as err:
+        print(f"eval_caption.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Caption (--ckpt) and score."""
+    import tempfile
+
+    from mm_moe.data import read_karpathy, write_coco_gt
+    from mm_moe.eval import score_captions
+
+    images = read_karpathy(args.karpathy, (args.split,))
+    if args.ckpt:
+        import torch
+
+        from mm_moe.data import CaptionDataset, eval_transform, load_tokenizer
+        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.eval import BeamConfig, caption_predictions
+        from mm_moe.inference import load_captioning_model
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_captioning_model(args.ckpt)
+        tok = load_tokenizer()
+        ds = CaptionDataset(args.karpathy, args.images, tok, eval_transform(cfg.model.img_size), splits=(args.split,),
+                            per_image=True, max_text_len=cfg.model.max_text_len)
+        beam = BeamConfig(beam_size=args.beam, max_len=cfg.model.max_text_len - 2)
+        results = caption_predictions(model.to(device), ds, tok, beam, args.batch_size, device)
+        out = args.out or resolve_checkpoint(args.ckpt) / f"caption_results_{args.split}.json"
+        out.write_text(json.dumps(results))
+        print(f"wrote {len(results)} captions to {out}")
+    else:
+        from mm_moe.config import InputError
+        from mm_moe.data.common import read_json
+
+        results = read_json(args.results)
+        if not isinstance(results, list):
+            raise InputError(f"{args.results}: expected a list of {{'image_id', 'caption'}} objects, "
+                             f"got a {type(results).__name__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = score_captions(write_coco_gt(args.karpathy, args.split, Path(tmp) / "gt.json"), results, args.spice)
+    print(json.dumps({"images_scored": len(results), "images_in_split": len(images), **scores}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
