@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+import eval_caption
 import train_mm
-from mm_moe.data import CaptionDataset, eval_transform, first_batches, load_tokenizer, world_files, write_coco_gt, write_world
+from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
 from mm_moe.engine import latest_checkpoint
-from mm_moe.eval import BeamConfig, evaluate_captions
-from mm_moe.inference import load_captioning_model, load_pretraining_model
+from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import activation_ratio, merge_stats
 
 
@@ -32,7 +32,8 @@ def stage(name: str, run_dir: Path, argv: list[str]) -> None:
     print(f"[demo] {name} ...", flush=True)
     t0 = time.perf_counter()
     resume = ["--resume"] if latest_checkpoint(run_dir) else []
-    train_mm.main([*argv, *resume, f"run_dir={run_dir}"])
+    if train_mm.main([*argv, *resume, f"run_dir={run_dir}"]) != 0:
+        raise SystemExit(f"[demo] {name} failed (see the error above)")
     (run_dir / "done").write_text(f"{time.perf_counter() - t0:.0f} s\n")
 
 
@@ -47,16 +48,12 @@ def pretrained_activation_ratio(run_dir: Path, shards: Path, batches: int = 4) -
 
 
 def caption_scores(run_dir: Path, world: Path, out: Path, beam: int) -> dict:
-    """COCO caption scores of the fine-tuned captioner on the world's Karpathy test split."""
-    model, cfg = load_captioning_model(run_dir)
-    tok = load_tokenizer()
-    karpathy = world / "coco" / "dataset_coco.json"
-    ds = CaptionDataset(karpathy, world / "vqa" / "images", tok, eval_transform(cfg.model.img_size), splits=("test",),
-                        per_image=True)
-    gt = write_coco_gt(karpathy, "test", out / "caption_gt.json")
-    results_json = out / "caption_results.json"
-    scores = evaluate_captions(model, ds, tok, gt, results_json, BeamConfig(beam_size=beam, max_len=cfg.model.max_text_len - 2))
-    scores["example"] = json.loads(results_json.read_text())[0]["caption"]
+    """COCO caption scores of the fine-tuned captioner on the world's Karpathy test split, by eval_caption.py."""
+    argv = ["--ckpt", str(run_dir), "--karpathy", str(world / "coco" / "dataset_coco.json"), "--split", "test",
+            "--images", str(world / "vqa" / "images"), "--beam", str(beam), "--out", str(out / "caption_results.json")]
+    print("[demo] python eval_caption.py " + " ".join(argv), flush=True)
+    scores = eval_caption.run(eval_caption.parse_args(argv))
+    scores["example"] = json.loads((out / "caption_results.json").read_text())[0]["caption"]
     return scores
 
 

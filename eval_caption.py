@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; usage errors exit here, before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a fine-tuned captioning checkpoint or run directory (or its best/)")
@@ -31,18 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ckpt and args.images is None:
         p.error("--ckpt needs --images")
-    from mm_moe.config import InputError, one_line
-
-    try:
-        run(args)
-    except InputError as err:
-        print(f"eval_caption.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    return 0
+    return args
 
 
-def run(args: argparse.Namespace) -> None:
-    """Caption (--ckpt) and score."""
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mm_moe.config import run_reporting
+
+    return run_reporting("eval_caption.py", lambda: print(json.dumps(run(args), indent=2)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Caption (--ckpt) and score: {"images_scored", "images_in_split", BLEU-1..4, METEOR, ROUGE-L, CIDEr}."""
     import tempfile
 
     from mm_moe.data import read_karpathy, write_coco_gt
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
                              f"got a {type(results).__name__}")
     with tempfile.TemporaryDirectory() as tmp:
         scores = score_captions(write_coco_gt(args.karpathy, args.split, Path(tmp) / "gt.json"), results, args.spice)
-    print(json.dumps({"images_scored": len(results), "images_in_split": len(images), **scores}, indent=2))
+    return {"images_scored": len(results), "images_in_split": len(images), **scores}
 
 
 if __name__ == "__main__":

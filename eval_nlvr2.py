@@ -28,14 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ckpt and args.images is None:
         p.error("--ckpt needs --images")
-    from mm_moe.config import InputError, one_line
+    from mm_moe.config import run_reporting
 
-    try:
-        run(args)
-    except InputError as err:
-        print(f"eval_nlvr2.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting("eval_nlvr2.py", lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

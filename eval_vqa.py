@@ -33,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ckpt needs --images")
     if args.results and args.annotations is None:
         p.error("--results needs --annotations (there is nothing to do with a results file but score it)")
-    from mm_moe.config import InputError, one_line
+    from mm_moe.config import run_reporting
 
-    try:
-        run(args)
-    except InputError as err:
-        print(f"eval_vqa.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting("eval_vqa.py", lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from mm_moe.config import ConfigError, InputError, RunConfig, load_config, one_line
+from mm_moe.config import ConfigError, RunConfig, load_config, run_reporting
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -88,12 +88,7 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    try:
-        train(args, cfg)
-    except InputError as err:
-        print(f"train_mm.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting("train_mm.py", lambda: train(args, cfg))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mm_moe.config import InputError
+from mm_moe.config import InputError, run_reporting
 
 
 def _json(path: Path) -> dict:
@@ -171,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-count", type=int, default=10000, help="samples per shard")
     p.add_argument("--max-size-mb", type=float, default=1000.0, help="size per shard")
     args = p.parse_args(argv)
-    try:
-        pairs = read_pairs(args)
-    except InputError as err:
-        print(f"make_shards.py: error: {err}", file=sys.stderr)
-        return 1
+    return run_reporting("make_shards.py", lambda: make(args))
+
+
+def make(args: argparse.Namespace) -> None:
+    """Read the pairs and write the shards; nothing written at all is an error."""
+    pairs = read_pairs(args)
     report = write_shards(iter(pairs), args.out, args.prefix, args.max_count, args.max_size_mb, total=len(pairs))
     print(f"wrote {report['written']} samples in {len(report['shards'])} shards to {args.out}")
     if report["skipped"]:
@@ -186,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if not report["written"]:
         for empty in report["shards"]:
             Path(empty).unlink()
-        print(f"make_shards.py: error: no sample written ({len(pairs)} pairs read, {len(report['skipped'])} skipped)",
-              file=sys.stderr)
-        return 1
-    return 0
+        raise InputError(f"no sample written ({len(pairs)} pairs read, {len(report['skipped'])} skipped)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import operator
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -42,6 +44,17 @@ def one_line(err: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+def run_reporting(prog: str, work: Callable[[], Any]) -> int:
+    """A CLI's work: exit status 0 when done; an InputError is printed as `prog: error: message` on one line (no
+    traceback) and gives 1."""
+    try:
+        work()
+    except InputError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 class ConfigError(InputError):
@@ -552,7 +565,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "InputError", "ConfigError", "one_line",
+    "InputError", "ConfigError", "one_line", "run_reporting",
     "Range", "FFNConfig", "BEiT3Config", "OptimConfig", "TrainConfig", "ObjectivesConfig",
     "PretrainDataConfig", "TaskDataConfig", "RunConfig", "moe_layer_ids",
     "from_dict", "apply_overrides", "read_yaml", "load_config", "to_dict",

@@ -26,14 +26,14 @@ from safetensors.torch import load_file
 
 from mm_moe.config import RunConfig, load_config
 from mm_moe.data import load_tokenizer, write_world
-from mm_moe.engine import Task, Trainer, build_task
+from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
         "model.moe.hidden=16", "model.moe.num_experts=4", "model.drop_path=0", "train.batch_size=4", "train.steps=4",
-        "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
+        "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "train.eval_every=2", "optim.warmup_steps=2",
         # Adam's m / sqrt(v) turns the rounding of a near-zero gradient (summed in another order by 2 ranks than
         # by 1 process) into a full-size update; with eps 1e-3 an update stays proportional to its gradient
         "optim.eps=1e-3"]
@@ -51,7 +51,7 @@ class Runs:
         self.done: dict[tuple[str, str], Path] = {}
 
     def args(self, task: str) -> list[str]:
-        """train_mm.py arguments of `task` on the synthetic world (no validation: not what is compared)."""
+        """train_mm.py arguments of `task` on the synthetic world, with its validation data."""
         w = self.world
         if task == "pretrain":
             return ["pretrain", "--config", "configs/pretrain_demo.yaml", f"pretrain_data.shards={w}/shards",
@@ -60,10 +60,13 @@ class Runs:
             return ["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml",
                     f"data.vqa_train_questions={w}/vqa/v2_OpenEnded_mscoco_train2014_questions.json",
                     f"data.vqa_train_annotations={w}/vqa/v2_mscoco_train2014_annotations.json",
-                    f"data.vqa_images={w}/vqa/images", "data.vqa_val_questions=''"]
+                    f"data.vqa_images={w}/vqa/images",
+                    f"data.vqa_val_questions={w}/vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+                    f"data.vqa_val_annotations={w}/vqa/v2_mscoco_val2014_annotations.json"]
         if task == "nlvr2":
             return ["finetune", "nlvr2", "--config", "configs/finetune_nlvr2_demo.yaml",
-                    f"data.nlvr2_train={w}/nlvr2/train.json", f"data.nlvr2_images={w}/nlvr2/images", "data.nlvr2_dev=''"]
+                    f"data.nlvr2_train={w}/nlvr2/train.json", f"data.nlvr2_images={w}/nlvr2/images",
+                    f"data.nlvr2_dev={w}/nlvr2/dev.json"]
         return ["finetune", "caption", "--config", "configs/finetune_caption_demo.yaml",
                 f"data.karpathy={w}/coco/dataset_coco.json", f"data.coco_images={w}/vqa/images"]
 
@@ -106,13 +109,14 @@ def one_process_trainer(cfg: RunConfig) -> Trainer:
         for batches in zip(*(t.loader(epoch) for t in ranks), strict=False):
             yield from batches
 
-    first = ranks[0]
-    task_ = Task(first.model, interleaved, first.loss_fn, first.tokens, first.answer_vocab)
-    return Trainer(task_, replace(cfg, train=replace(cfg.train, grad_accum=WORLD, distributed="none")))
+    one = replace(cfg, train=replace(cfg.train, grad_accum=WORLD, distributed="none"))
+    return Trainer(replace(ranks[0], loader=interleaved), one)
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def records(run: Path, validation: bool = False) -> list[dict]:
+    """The training records of metrics.jsonl (or its validation records)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if ("loss" not in r) == validation]
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -132,6 +136,10 @@ def test_torchrun_training_matches_one_process_on_the_global_batch(runs, tmp_pat
     for g, w in zip(got, want, strict=True):  # the loss and grad norm of the global batch, every step
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
+    validated, ref_validated = records(run, validation=True), records(tmp_path / "ref", validation=True)
+    assert [r["step"] for r in validated] == ([] if task == "pretrain" else [2, 4])  # every rank validates the model
+    for g, w in zip(validated, ref_validated, strict=True):
+        assert g.keys() == w.keys() and all(g[k] == pytest.approx(w[k], rel=1e-6) for k in g), (g, w)
     final = weights(run / "step-00000004")  # the export holds every expert, gathered from the ranks
     ref_state = ref.raw.state_dict()
     assert final.keys() <= ref_state.keys()
