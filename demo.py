@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     per_type = {k.removeprefix("vqa_val_"): v for k, v in vqa.items() if k.startswith("vqa_val_") and k != "vqa_val_accuracy"}
     print(f"\nexample caption: {cap['example']!r}\nper answer type: {per_type}")
     print(f"total {report['minutes']} min; everything is in {out}/")
+    v, n = world / "vqa", world / "nlvr2"
+    print("\nscore the runs again with the evaluation commands (or their best/ checkpoints):\n"
+          f"  python eval_vqa.py --ckpt {out}/vqa --images {v}/images --questions "
+          f"{v}/v2_OpenEnded_mscoco_val2014_questions.json --annotations {v}/v2_mscoco_val2014_annotations.json\n"
+          f"  python eval_nlvr2.py --ckpt {out}/nlvr2 --data {n}/dev.json --images {n}/images\n"
+          f"  python eval_caption.py --ckpt {out}/caption --karpathy {world}/coco/dataset_coco.json "
+          f"--images {v}/images")
     return 0
 
 
