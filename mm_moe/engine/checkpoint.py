@@ -99,9 +99,11 @@ def tied_duplicates(model: nn.Module) -> set[str]:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The unsharded model state on CPU (FSDP2 DTensors and expert-parallel slices gathered; tied names once).
+    """The unsharded model state on CPU (FSDP2 DTensors and expert-parallel slices gathered; tied names once),
+    on rank 0; other ranks get {} and hold at most one gathered tensor at a time.
 
     Collective when torch.distributed is initialized: every rank must call it."""
+    rank, world = _rank_world()
     experts = set(expert_param_names(model))
     skip = tied_duplicates(model)
     out = {}
@@ -111,10 +113,11 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(t, DTensor):
             t = t.full_tensor()
         elif name in experts:
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, t.detach().contiguous())
-            t = torch.cat(parts)
-        out[name] = t.detach().cpu().contiguous()
+            parts = [torch.empty_like(t) for _ in range(world)] if rank == 0 else None
+            dist.gather(t.detach().contiguous(), parts, dst=0)
+            t = torch.cat(parts) if rank == 0 else t
+        if rank == 0:
+            out[name] = t.detach().cpu().contiguous()
     return out
 
 
