@@ -3,7 +3,6 @@ given; no traceback, a non-zero exit, nothing half-written. Skipped samples are 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_scripts import script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,13 +26,6 @@ from mm_moe.model import BEiT3ForPretraining, BEiT3ForVQA
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def script(path: str):
-    """A command-line script of the repository as a module (its main(argv) is what the command runs)."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_mm, eval_vqa = script("train_mm.py"), script("eval_vqa.py")

@@ -3,12 +3,12 @@ official CSV scored like lil-lab/nlvr metrics.py; VQA scored by the current vqaE
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from cli_scripts import script
 
 from mm_moe.data import write_world
 from mm_moe.data.nlvr2 import read_nlvr2
@@ -18,12 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
         "model.moe.hidden=16", "model.moe.num_experts=4", "train.batch_size=4", "train.steps=2", "train.log_every=1"]
 
-
-def script(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 
 A checkpoint holds
   model.safetensors   the full model (every expert, unsharded): what --init, inference and analysis read;
-  dcp/                model + optimizer (+ EMA) through torch.distributed.checkpoint: each rank writes its own
-                      shards (FSDP2 DTensors, expert-parallel slices as Shard(0) of the full expert tensor), so a
-                      run saved with 2 ranks resumes with 1 or 2 (or 4) and every tensor lands where it belongs;
+  dcp/                (training checkpoints) model + optimizer (+ EMA) through torch.distributed.checkpoint:
+                      each rank writes its own shards (FSDP2 DTensors, expert-parallel slices as Shard(0) of the
+                      full expert tensor), so a run saved with 2 ranks resumes with 1 or 2 (or 4) and every
+                      tensor lands where it belongs;
   trainer.pt          step, data position, schedule, world size (rank 0); rng-RRRRR.pt per rank;
   config.yaml         the resolved run config;
   manifest.json       size and sha256 of every other file, checked before a resume uses the checkpoint.
@@ -140,13 +141,10 @@ def _map_experts(state: dict, names: set[str], fn) -> None:
             state["ema"][f"module.{name}"] = fn(state["ema"][f"module.{name}"])
 
 
-def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: nn.Module | None) -> tuple[dict, set]:
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> tuple[dict, set]:
     """{"model", "optim", "ema"} state dicts keyed by parameter name, expert-parallel slices as DTensor shards."""
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = get_model_state_dict(ema)
     names, mesh = _expert_shards(model)
@@ -188,9 +186,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state, _ = _sharded_state(model, optimizer, ema)
-    with _one_process_ok():
-        dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
+    if optimizer is not None:  # a training checkpoint; weights alone (best/) are all in model.safetensors
+        state, _ = _sharded_state(model, optimizer, ema)
+        with _one_process_ok():
+            dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
     weights = full_state_dict(model)
     torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
     if rank == 0:
@@ -297,11 +296,6 @@ def load_run_config(ckpt: str | Path) -> RunConfig:
     return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_training_state", "full_state_dict",
-           "tied_duplicates", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
-           "load_run_config", "rng_state", "set_rng_state"]
-
-
 # --- initialising a task model's encoder -------------------------------------------------------------------
 def _encoder_weights(path: Path) -> dict[str, Tensor]:
     """Encoder weights (our names, no "beit3." prefix) of our checkpoint / run, or of a torchscale / unilm .pth."""
@@ -353,4 +347,6 @@ def init_encoder(model: nn.Module, path: str | Path, partial: bool = False) -> d
     return report
 
 
-__all__ += ["init_encoder"]
+__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_training_state", "full_state_dict",
+           "tied_duplicates", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
+           "load_run_config", "init_encoder", "rng_state", "set_rng_state"]

@@ -193,7 +193,7 @@ class Trainer:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def train_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], float | None]:
-        """One optimizer step over grad_accum micro-batches; returns this step's sums for logging and the
+        """One optimizer step over grad_accum micro-batches; returns this rank's sums for logging and the
         gradient norm before clipping (None when clipping is off)."""
         accum = self.cfg.train.grad_accum
         sums = dict.fromkeys(("loss", "aux", "tokens", "skipped", "imbalance"), 0.0)
@@ -213,7 +213,6 @@ class Trainer:
             sums["imbalance"] += mean_imbalance(out.stats) / accum
             sums["tokens"] += self.task.tokens(batch)
             sums["skipped"] += batch.get("num_skipped", 0)
-        sums = reduce_mean(sums, self.info.device, sums=("tokens", "skipped"))
         grad_norm = clip_grad_norm(self.raw, self.cfg.optim.clip_grad) if self.cfg.optim.clip_grad else None
         self.optimizer.step()
         renormalize_routers(self.raw)
@@ -239,6 +238,8 @@ class Trainer:
                 steps_in_window += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    # over ranks, once per record rather than every step: the window's sums are linear
+                    window = reduce_mean(window, self.info.device, sums=("tokens", "skipped"))
                     record = {"step": self.step, "loss": window["loss"] / steps_in_window,
                               "aux_loss": window["aux"] / steps_in_window, "lr": self.optimizer.param_groups[-1]["lr"],
                               "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
