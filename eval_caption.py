@@ -51,20 +51,17 @@ def run(args: argparse.Namespace) -> dict:
 
     images = read_karpathy(args.karpathy, (args.split,))
     if args.ckpt:
-        import torch
-
-        from mm_moe.data import CaptionDataset, eval_transform, load_tokenizer
+        from mm_moe.data import CaptionDataset
         from mm_moe.engine import resolve_checkpoint
         from mm_moe.eval import BeamConfig, caption_predictions
-        from mm_moe.inference import load_captioning_model
+        from mm_moe.inference import Captioner
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, cfg = load_captioning_model(args.ckpt)
-        tok = load_tokenizer()
-        ds = CaptionDataset(args.karpathy, args.images, tok, eval_transform(cfg.model.img_size), splits=(args.split,),
+        p = Captioner.from_pretrained(args.ckpt)
+        cfg = p.cfg
+        ds = CaptionDataset(args.karpathy, args.images, p.tokenizer, p.transform, splits=(args.split,),
                             per_image=True, max_text_len=cfg.model.max_text_len)
         beam = BeamConfig(beam_size=args.beam, max_len=cfg.model.max_text_len - 2)
-        results = caption_predictions(model.to(device), ds, tok, beam, args.batch_size, device)
+        results = caption_predictions(p.model, ds, p.tokenizer, beam, args.batch_size, p.device)
         out = args.out or resolve_checkpoint(args.ckpt) / f"caption_results_{args.split}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} captions to {out}")

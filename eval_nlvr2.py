@@ -40,18 +40,14 @@ def run(args: argparse.Namespace) -> None:
 
     rows = read_nlvr2(args.data)
     if args.ckpt:
-        import torch
-
-        from mm_moe.data import NLVR2Dataset, eval_transform, load_tokenizer
+        from mm_moe.data import NLVR2Dataset
         from mm_moe.engine import resolve_checkpoint
         from mm_moe.eval import nlvr2_predictions
-        from mm_moe.inference import load_nlvr2_model
+        from mm_moe.inference import NLVR2Predictor
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, cfg = load_nlvr2_model(args.ckpt)
-        ds = NLVR2Dataset(args.data, args.images, load_tokenizer(), eval_transform(cfg.model.img_size),
-                          cfg.model.max_text_len)
-        predictions = nlvr2_predictions(model.to(device), ds, args.batch_size, device)
+        p = NLVR2Predictor.from_pretrained(args.ckpt)
+        ds = NLVR2Dataset(args.data, args.images, p.tokenizer, p.transform, p.cfg.model.max_text_len)
+        predictions = nlvr2_predictions(p.model, ds, args.batch_size, p.device)
         out = args.out or resolve_checkpoint(args.ckpt) / f"nlvr2_predictions_{args.data.stem}.csv"
         write_predictions(out, predictions)
         print(f"wrote {len(predictions)} predictions to {out}")

@@ -44,18 +44,14 @@ def run(args: argparse.Namespace) -> None:
     from mm_moe.eval.vqa_metric import read_results
 
     if args.ckpt:
-        import torch
-
-        from mm_moe.data import VQADataset, eval_transform, load_tokenizer
+        from mm_moe.data import VQADataset
         from mm_moe.engine import resolve_checkpoint
         from mm_moe.eval import vqa_predictions
-        from mm_moe.inference import load_vqa_model
+        from mm_moe.inference import VQAPredictor
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, vocab, cfg = load_vqa_model(args.ckpt)
-        ds = VQADataset(args.questions, args.images, load_tokenizer(), eval_transform(cfg.model.img_size),
-                        max_text_len=cfg.model.max_text_len)
-        results = vqa_predictions(model.to(device), ds, vocab.answers, args.batch_size, device)
+        p = VQAPredictor.from_pretrained(args.ckpt)
+        ds = VQADataset(args.questions, args.images, p.tokenizer, p.transform, max_text_len=p.cfg.model.max_text_len)
+        results = vqa_predictions(p.model, ds, p.answers, args.batch_size, p.device)
         out = args.out or resolve_checkpoint(args.ckpt) / f"vqa_results_{args.questions.stem}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} answers to {out}")

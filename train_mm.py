@@ -7,7 +7,10 @@ are kept in run_dir/best/, which --init and the eval commands accept).
     torchrun --nproc_per_node 2 train_mm.py pretrain --config ... train.distributed=ddp|fsdp2 [train.expert_parallel=true]
 
 --init takes one of our checkpoints (a step-* directory, or a run directory: its latest), or a torchscale /
-unilm BEiT-3 .pth file (converted on load); every encoder weight must fit unless --init-partial.
+unilm BEiT-3 .pth file (converted on load; configs/model/beit3_base.yaml and beit3_large.yaml describe the
+public ones); every encoder weight must fit unless --init-partial. Vision positions are resampled to
+model.img_size, text positions cut to model.max_text_len. --upcycle turns a dense checkpoint into the MoE
+model of the config (experts copied or sliced from each block's FFN, routers new).
 Every run writes run_dir/: config.yaml, metrics.jsonl, step-* checkpoints (resumable at any process count).
 """
 
@@ -34,6 +37,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
         sp.add_argument("--init", help="checkpoint (ours or a torchscale .pth) whose encoder to start from; heads are new")
         sp.add_argument("--init-partial", action="store_true",
                         help="with --init: load the weights that fit, report the others (default: they are an error)")
+        sp.add_argument("--upcycle", action="store_true",
+                        help="with --init of a dense checkpoint: build the config's MoE layers from its FFNs "
+                             "(sparse upcycling: SMoE / X-MoE experts copied, MH-MoE / CartesianMoE sliced)")
         again = sp.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true",
                            help="continue the run in run_dir from its newest sound checkpoint (an error if it has none)")
@@ -43,8 +49,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments {bad} (config overrides are key=value)")
-    if args.init_partial and not args.init:
-        p.error("--init-partial needs --init")
+    for flag in ("init_partial", "upcycle"):
+        if getattr(args, flag) and not args.init:
+            p.error(f"--{flag.replace('_', '-')} needs --init")
     task = "pretrain" if args.mode == "pretrain" else args.task
     try:
         cfg = load_config(RunConfig, args.config, [*overrides, f"task={task}"])
@@ -70,20 +77,34 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
         raise CheckpointError(f"--resume: run_dir={cfg.run_dir} has no step-* checkpoint to resume "
                               "(use --auto-resume to start when there is none)")
     torch.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
     task = build_task(cfg, tokenizer, info.rank, info.world_size)
     if args.init and not has_ckpt:
-        report = init_encoder(task.model, args.init, partial=args.init_partial)
+        report = init_encoder(task.model, args.init, partial=args.init_partial, upcycle=args.upcycle)
         if info.is_main:
-            left = {k: len(v) for k, v in report.items() if k != "loaded" and v}
-            print(f"--init {args.init}: loaded {len(report['loaded'])} encoder tensors"
-                  + (f", not loaded: {left} (--init-partial)" if left else ""), file=sys.stderr)
+            print(init_summary(args.init, report), file=sys.stderr)
     trainer = Trainer(task, cfg, info)
     if has_ckpt and (resumed := trainer.resume()) is not None and info.is_main:
         print(f"resumed {cfg.run_dir} from {resumed.name} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
     if info.is_main and trainer.scores:
         print(json.dumps(trainer.scores, indent=2))
+
+
+def init_summary(path: str, report: dict[str, list[str]]) -> str:
+    """What --init did, in a few lines: loaded, adapted, left out (--init-partial), upcycled by origin."""
+    lines = [f"--init {path}: loaded {len(report['loaded'])} encoder tensors"]
+    lines += [f"  {change}" for change in report["adapted"]]
+    left = {k: v for k, v in report.items() if k in ("missing", "unexpected", "mismatched") and v}
+    lines += [f"  not loaded (--init-partial), {k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+              for k, v in left.items()]
+    if "upcycle_kept" in report:
+        counts = ", ".join(f"{len(report[f'upcycle_{k}'])} {k}" for k in ("kept", "copied", "sliced", "identity", "new"))
+        lines.append(f"  upcycled to the config's MoE layers: {counts} tensors")
+        lines += [f"  new: {name}" for name in report["upcycle_new"][:8]]
+        if len(report["upcycle_new"]) > 8:
+            lines.append(f"  new: ... {len(report['upcycle_new']) - 8} more")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ _PUBLIC = {
     "mm_moe.model": ["BEiT3", "BEiT3ForPretraining", "BEiT3ForVQA", "BEiT3ForNLVR2", "BEiT3ForCaptioning"],
     "mm_moe.data": ["load_tokenizer"],
     "mm_moe.engine": ["Trainer", "build_task"],
-    "mm_moe.inference": ["load_pretraining_model", "load_vqa_model", "load_captioning_model"],
+    "mm_moe.inference": ["load_pretraining_model", "VQAPredictor", "Captioner", "NLVR2Predictor"],
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 

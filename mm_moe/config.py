@@ -167,7 +167,10 @@ class BEiT3Config:
     in_chans: PosInt = 3
     """Image channels."""
     vocab_size: PosInt = 30522
-    """Text embedding rows (the tokenizer's vocabulary)."""
+    """Text embedding rows (the tokenizer's vocabulary, plus at most 128 unused rows)."""
+    tokenizer: str = "bert-base-uncased"
+    """bert-base-uncased (the packaged WordPiece), a SentencePiece model file (BEiT-3's beit3.spm), or a
+    tokenizer folder; a run saves it as run_dir/tokenizer/."""
     max_text_len: PosInt = 64
     """Text positions."""
     d_model: PosInt = 768
@@ -491,7 +494,8 @@ def from_dict(cls: type[T], data: Any, where: str = "config:") -> T:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict, in order: after
+    `model=configs/model/x.yaml`, `model.img_size=480` changes that file's section."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for item in overrides:
         if "=" not in item:
@@ -500,6 +504,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
+            if isinstance(node.get(p), str) and node[p].endswith((".yaml", ".yml")):
+                node[p] = read_yaml(node[p])  # a section included from a file (e.g. model=...yaml) takes overrides
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
@@ -556,7 +562,7 @@ def _dataclass_in(tp: Any) -> type | None:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load `cls` from a YAML file (optional; sections may name other YAML files) plus `key=value` overrides."""
     data = _resolve_includes(cls, read_yaml(path)) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides or []), where=f"{path or 'config'}:")
+    return from_dict(cls, _resolve_includes(cls, apply_overrides(data, overrides or [])), where=f"{path or 'config'}:")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

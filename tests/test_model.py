@@ -186,7 +186,7 @@ def test_upcycled_smoe_top1_reproduces_dense(shared):
         for p in dense.parameters():
             p.add_(0.05 * torch.randn_like(p))
     moe = FFNConfig(kind="smoe", hidden=64, num_experts=4, top_k=1, renormalize=True, subln=True)
-    sparse = upcycle(dense, moe, "all", moe_shared_branches=shared).eval()
+    sparse = upcycle(dense, moe, "all", moe_shared_branches=shared)[0].eval()
     assert all(isinstance(b.ffn.v, MoELayer) for b in sparse.encoder.blocks)
     images, ids, padding = batch()
     cases = [dict(images=images)]
@@ -206,7 +206,7 @@ def test_upcycled_mhmoe_and_cartesian_train(kind):
                                                                 activation="gelu" if kind == "mhmoe" else "swiglu",
                                                                 bias=kind == "mhmoe")))
     moe = dataclasses.replace(MOES[kind], subln=kind == "mhmoe")
-    sparse = upcycle(dense, moe, "every_other")
+    sparse, _ = upcycle(dense, moe, "every_other")
     model = BEiT3ForVQA(sparse.cfg, 4)
     model.beit3.load_state_dict(sparse.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -23,6 +23,7 @@ from mm_moe.data.common import epoch_loader, epoch_seed
 from mm_moe.data.masking import mask_caption
 from mm_moe.data.nlvr2 import NLVR2Dataset
 from mm_moe.data.shards import pretrain_loader, shard_urls
+from mm_moe.data.tokenizer import check_tokenizer
 from mm_moe.data.transforms import eval_transform, train_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
 from mm_moe.engine.trainer import Task
@@ -192,9 +193,12 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
 
 
 def build_task(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
-    """The Task of `cfg.task`."""
+    """The Task of `cfg.task`, after checking that the tokenizer's ids fit the model's text embedding."""
+    check_tokenizer(tokenizer, cfg.model.vocab_size, f"model.tokenizer={cfg.model.tokenizer}")
     build = build_pretrain if cfg.task == "pretrain" else build_finetune
-    return build(cfg, tokenizer, rank, world)
+    task = build(cfg, tokenizer, rank, world)
+    task.tokenizer = tokenizer
+    return task
 
 
 __all__ = ["encoder_tokens", "pretrain_loss", "finetune_evaluator", "build_pretrain", "build_finetune", "build_task"]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -64,6 +65,8 @@ class Task:
     """Validation: scores of the bare model (writing its predictions into the folder, if given)."""
     best_metric: str = ""
     """The score of `evaluate` (higher is better) that picks run_dir/best/."""
+    tokenizer: Any = None
+    """The text tokenizer (saved as run_dir/tokenizer/, so the run directory is self-contained)."""
 
 
 class TaskModule(nn.Module):
@@ -120,6 +123,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
             if task.answer_vocab is not None:
                 task.answer_vocab.save(self.run_dir / "answers.json")
+            if task.tokenizer is not None:
+                task.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         self.metrics = MetricsLogger(self.run_dir, self.info.is_main, cfg.train.tensorboard)
 
     # --- checkpoints -------------------------------------------------------------------------------------

@@ -160,28 +160,36 @@ def convert_torchscale_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Te
     return out
 
 
-def upcycle(dense: BEiT3, moe: FFNConfig, moe_layers: str, moe_shared_branches: bool = False) -> BEiT3:
+def upcycle(dense: BEiT3, moe: FFNConfig, moe_layers: str,
+            moe_shared_branches: bool = False) -> tuple[BEiT3, dict[str, list[str]]]:
     """Sparse upcycling: a MoE BEiT3 whose non-FFN weights are the dense model's and whose experts start from
     the dense FFN of their block (the V branch's when the MoE is shared by both modalities).
 
     SMoE / X-MoE: every expert is a copy (top-1 with renormalisation then reproduces the dense model exactly).
     MH-MoE: identity head/merge, expert e takes sub-token chunk e mod h of the dense FFN and a cyclic slice of
     its hidden units. CartesianMoE: group A's (sub-)experts take the first half of the dense hidden units,
-    group B's the second half (shared sub-experts likewise). Routers and gates are freshly initialised.
+    group B's the second half (shared sub-experts likewise). Routers, gates and the other MoE parameters are
+    freshly initialised. Returns the model and the parameter names by origin: "kept" (the dense model's, same
+    name), "copied" (whole dense FFN weights per expert), "sliced" (parts of them), "identity", "new".
     """
     cfg = dataclasses.replace(dense.cfg, moe=moe, moe_layers=moe_layers, moe_shared_branches=moe_shared_branches)
     model = BEiT3(cfg)
-    model.load_state_dict(dense.state_dict(), strict=False)  # everything but the MoE FFNs
+    dense_state = dense.state_dict()
+    kept = {k: v for k, v in dense_state.items() if k in model.state_dict()}
+    model.load_state_dict(kept, strict=False)  # everything but the MoE FFNs
+    report: dict[str, list[str]] = {"kept": sorted(kept), "copied": [], "sliced": [], "identity": [], "new": []}
+    names = {id(m): n for n, m in model.named_modules()}
     for block, dense_block in zip(model.encoder.blocks, dense.encoder.blocks, strict=True):
         pairs = [(block.ffn.v, dense_block.ffn.v)]
         if not block.ffn.shared:
             pairs.append((block.ffn.l, dense_block.ffn.l))
         for layer, src in pairs:
-            if not isinstance(layer, DenseFFN):
-                _init_from_dense(layer, src)
-    return model
-
-
+            if isinstance(layer, DenseFFN):
+                continue
+            origin = _init_from_dense(layer, src)
+            for name, _ in layer.named_parameters():
+                report[origin.get(name, "new")].append(f"{names[id(layer)]}.{name}")
+    return model, report
 def _check_compatible(src: DenseFFN, experts, what: str) -> None:
     if (src.gate is None) != (experts.w3 is None) or (src.fc1.bias is None) != (experts.b1 is None) \
             or (src.sub_norm is None) != (experts.norm_w is None):
@@ -222,7 +230,9 @@ def _slice_dense(dst: DenseFFN, src: DenseFFN, rows: Tensor) -> None:
 
 
 @torch.no_grad()
-def _init_from_dense(layer: nn.Module, src: DenseFFN) -> None:
+def _init_from_dense(layer: nn.Module, src: DenseFFN) -> dict[str, str]:
+    """Initialise a MoE layer from a dense FFN; returns {parameter name: "copied" | "sliced" | "identity"} for the
+    parameters it set (the others keep their fresh initialisation)."""
     d, hidden = src.fc1.in_features, src.fc1.out_features
     if isinstance(layer, SparseMoE):
         experts = layer.experts
@@ -231,7 +241,8 @@ def _init_from_dense(layer: nn.Module, src: DenseFFN) -> None:
             raise ValueError(f"upcycle: SparseMoE expert hidden {experts.d_hidden} must equal the dense FFN's {hidden}")
         for e in range(experts.num_experts):
             _copy_expert(experts, e, src, torch.arange(hidden), torch.arange(d))
-    elif isinstance(layer, MHMoE):
+        return {f"experts.{n}": "copied" for n, _ in experts.named_parameters()}
+    if isinstance(layer, MHMoE):
         experts, h, ds = layer.experts, layer.heads, layer.d_sub
         _check_compatible(src, experts, "MHMoE")
         layer.head.weight.copy_(torch.eye(d))
@@ -241,14 +252,19 @@ def _init_from_dense(layer: nn.Module, src: DenseFFN) -> None:
         for e in range(experts.num_experts):
             rows = (torch.arange(experts.d_hidden) + (e // h) * experts.d_hidden) % hidden
             _copy_expert(experts, e, src, rows, torch.arange((e % h) * ds, (e % h + 1) * ds))
-    elif isinstance(layer, CartesianMoE):
-        for half, group in enumerate((layer.group_a, layer.group_b)):
+        return {**{f"{m}.{p}": "identity" for m in ("head", "merge") for p in ("weight", "bias")},
+                **{f"experts.{n}": "sliced" for n, _ in experts.named_parameters()}}
+    if isinstance(layer, CartesianMoE):
+        origin = {}
+        for half, (gname, group) in enumerate((("group_a", layer.group_a), ("group_b", layer.group_b))):
             experts = group.experts
             _check_compatible(src, experts, "CartesianMoE")
             rows = (torch.arange(experts.d_hidden) + half * (hidden // 2)) % hidden
             for e in range(experts.num_experts):
                 _copy_expert(experts, e, src, rows, torch.arange(d))
+            origin.update({f"{gname}.experts.{n}": "sliced" for n, _ in experts.named_parameters()})
             if group.shared is not None:
                 _slice_dense(group.shared, src, (torch.arange(group.shared.fc1.out_features) + half * (hidden // 2)) % hidden)
-    else:
-        raise TypeError(f"upcycle: no rule for {type(layer).__name__}")
+                origin.update({f"{gname}.shared.{n}": "sliced" for n, _ in group.shared.named_parameters()})
+        return origin
+    raise TypeError(f"upcycle: no rule for {type(layer).__name__}")
