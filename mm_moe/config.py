@@ -121,7 +121,8 @@ class FFNConfig:
     router_dim: PosInt = 16
     """X-MoE router's low-dimensional routing space."""
     renormalize: bool = False
-    """Renormalise the top-k weights to sum to 1."""
+    """Renormalise the top-k weights to sum to 1 (only for top_k > 1, as the CartesianMoE code: at k = 1 every
+    weight would be p / p = 1 and the router would get no gradient from the task)."""
     balance_coef: Annotated[float, NonNegative] = 0.01
     """Weight of the Switch load-balance loss."""
     z_loss_coef: Annotated[float, NonNegative] = 0.0

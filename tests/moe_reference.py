@@ -58,7 +58,7 @@ def route(xs: list[Tensor], valid: list[bool], p: dict, k: int, renormalize: boo
     choices = []
     for pr in probs:
         order = sorted(range(pr.shape[0]), key=lambda e: -pr[e].item())[:k]
-        total = sum(pr[e] for e in order) if renormalize else 1.0
+        total = sum(pr[e] for e in order) if renormalize and k > 1 else 1.0
         choices.append([(e, pr[e] / total) for e in order])
     kept: list[list[tuple[int, Tensor]]] = [[] for _ in xs]
     load: dict[int, int] = {}

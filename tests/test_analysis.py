@@ -49,7 +49,7 @@ def naive_routers(model: torch.nn.Module, skip_first: bool):
             ranked = sorted(range(len(row)), key=lambda e: -row[e])[int(skip_first):int(skip_first) + router.top_k]
             w = [row[e] for e in ranked]
             idx.append(ranked)
-            weights.append([v / sum(w) for v in w] if router.renormalize else w)
+            weights.append([v / sum(w) for v in w] if router.renormalize and router.top_k > 1 else w)
         idx_t = torch.tensor(idx).masked_fill(~valid[:, None], -1)
         w_t = torch.tensor(weights).masked_fill(idx_t < 0, 0.0)
         return RouterOutput(idx_t, w_t, probs, logits, valid, logits.new_zeros(()))

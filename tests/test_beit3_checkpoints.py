@@ -187,9 +187,9 @@ def test_init_from_the_pth_at_another_image_size_matches_torchscale(released, sp
     torch.testing.assert_close(same.eval().beit3(images, ids).hidden, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_upcycle_of_the_pth_to_top1_smoe_reproduces_torchscale(released, spm_file, vocab_rows):
+def test_upcycle_of_the_pth_to_renormalized_smoe_reproduces_torchscale(released, spm_file, vocab_rows):
     theirs, pth = released
-    moe = "moe={kind: smoe, hidden: 3072, num_experts: 2, top_k: 1, renormalize: true, subln: true}"
+    moe = "moe={kind: smoe, hidden: 3072, num_experts: 3, top_k: 2, renormalize: true, subln: true}"
     model = BEiT3ForVQA(model_cfg(spm_file, vocab_rows, moe, "moe_layers=all"), 5)
     report = init_encoder(model, pth, upcycle=True)
     assert report["upcycle_copied"] and not report["upcycle_sliced"]

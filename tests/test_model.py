@@ -179,13 +179,15 @@ def test_drop_path_and_layer_scale():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_upcycled_smoe_top1_reproduces_dense(shared):
+def test_upcycled_smoe_renormalized_reproduces_dense(shared):
+    """Identical expert copies whose top-k weights sum to 1 (k > 1; renormalising is a no-op at k = 1) give the
+    dense FFN's output."""
     torch.manual_seed(0)
     dense = BEiT3(tiny(None)).eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    moe = FFNConfig(kind="smoe", hidden=64, num_experts=4, top_k=1, renormalize=True, subln=True)
+    moe = FFNConfig(kind="smoe", hidden=64, num_experts=4, top_k=2, renormalize=True, subln=True)
     sparse = upcycle(dense, moe, "all", moe_shared_branches=shared)[0].eval()
     assert all(isinstance(b.ffn.v, MoELayer) for b in sparse.encoder.blocks)
     images, ids, padding = batch()

@@ -129,3 +129,23 @@ def test_cartesian_pair_counts_are_consistent():
     # each A expert appears in kB pairs per token it serves, and each B expert in kA
     assert (s.pair_counts.sum(1) == 2 * s.counts[0]).all()
     assert (s.pair_counts.sum(0) == 2 * s.counts[1]).all()
+
+
+@pytest.mark.parametrize("kind", ["smoe", "xmoe", "cartesian"])
+def test_renormalize_is_a_no_op_at_top1(kind):
+    """At k = 1 renormalising would make every combine weight p / p = 1, cutting the router off from the task
+    loss; as in the CartesianMoE code it applies only for k > 1: the task gradient of the router is the
+    unrenormalised one, and not zero."""
+    grads = {}
+    for renormalize in (False, True):
+        torch.manual_seed(0)
+        cfg = FFNConfig(kind=kind, hidden=16, num_experts=4, top_k=1, renormalize=renormalize, balance_coef=0.0,
+                        num_shared_experts=1 if kind == "cartesian" else 0)
+        layer = build_ffn(cfg, 8)
+        x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+        layer(x).square().sum().backward()
+        grads[renormalize] = {n: p.grad.clone() for n, p in layer.named_parameters() if "router" in n}
+    assert grads[False].keys() == grads[True].keys() and grads[True]
+    for name, g in grads[True].items():
+        assert torch.equal(g, grads[False][name]), name
+        assert g.abs().sum() > 0, name

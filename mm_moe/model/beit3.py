@@ -165,7 +165,7 @@ def upcycle(dense: BEiT3, moe: FFNConfig, moe_layers: str,
     """Sparse upcycling: a MoE BEiT3 whose non-FFN weights are the dense model's and whose experts start from
     the dense FFN of their block (the V branch's when the MoE is shared by both modalities).
 
-    SMoE / X-MoE: every expert is a copy (top-1 with renormalisation then reproduces the dense model exactly).
+    SMoE / X-MoE: every expert is a copy (top-k > 1 with renormalisation then reproduces the dense model exactly).
     MH-MoE: identity head/merge, expert e takes sub-token chunk e mod h of the dense FFN and a cyclic slice of
     its hidden units. CartesianMoE: group A's (sub-)experts take the first half of the dense hidden units,
     group B's the second half (shared sub-experts likewise). Routers, gates and the other MoE parameters are

@@ -63,7 +63,7 @@ def drop_over_capacity(expert_idx: Tensor, num_experts: int, capacity: int) -> T
 
 
 class Router(nn.Module):
-    """Shared top-k routing: fp32 softmax, optional renormalisation, padding, capacity and aux losses."""
+    """Shared top-k routing: fp32 softmax, optional renormalisation (k > 1 only), padding, capacity, aux losses."""
 
     def __init__(
         self,
@@ -100,8 +100,8 @@ class Router(nn.Module):
                 weights, expert_idx = weights[:, 1:], expert_idx[:, 1:]
             else:
                 weights, expert_idx = probs.topk(self.top_k, dim=-1)  # [T, k]
-            if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.renormalize and self.top_k > 1:  # at k = 1 it would make every weight p / p = 1: no task
+                weights = weights / weights.sum(dim=-1, keepdim=True)  # gradient to the router (CartesianMoE code)
             aux = logits.new_zeros(())
             if self.balance_coef:
                 aux = aux + self.balance_coef * balance_loss(probs, expert_idx[:, 0], valid)
