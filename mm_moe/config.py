@@ -114,6 +114,9 @@ class FFNConfig:
     """Always-on experts beside the routed ones."""
     shared_hidden: PosInt | None = None
     """Inner size of a shared expert (default: `hidden`)."""
+    shared_gate: bool = True
+    """Mix routed and shared outputs by a 2-way softmax gate on the token (the CartesianMoE code's SMoE-Share and
+    CartesianMoE groups); False adds the shared output (DeepSeekMoE). CartesianMoE groups always gate."""
     heads: PosInt = 1
     """MH-MoE heads: sub-tokens per token."""
     router: RouterKind | None = None
@@ -145,16 +148,24 @@ class FFNConfig:
 
 
 def moe_layer_ids(depth: int, placement: str) -> set[int]:
-    """Which layers get MoE FFNs: "none", "all", "every_other" (layers 1, 3, 5, ...), or "top<N>" (the last N)."""
+    """Which layers get MoE FFNs: "none", "all", "every_other" (layers 1, 3, 5, ...: torchscale's moe_freq=2, the
+    MH-MoE code), "every_other_even" (0, 2, 4, ...: the CartesianMoE code's GShard formation), "top<N>" (the
+    last N), or an explicit comma-separated list of layer indices ("0,5,11")."""
     if placement == "none":
         return set()
     if placement == "all":
         return set(range(depth))
     if placement == "every_other":
         return set(range(1, depth, 2))
+    if placement == "every_other_even":
+        return set(range(0, depth, 2))
     if placement.startswith("top") and placement[3:].isdigit() and 0 < int(placement[3:]) <= depth:
         return set(range(depth - int(placement[3:]), depth))
-    raise ConfigError(f"moe_layers: expected none, all, every_other or top<N> with N <= depth={depth}, got {placement!r}")
+    parts = [p.strip() for p in placement.split(",")]
+    if all(p.isdigit() for p in parts) and all(int(p) < depth for p in parts) and len(set(parts)) == len(parts):
+        return {int(p) for p in parts}
+    raise ConfigError(f"moe_layers: expected none, all, every_other, every_other_even, top<N> with N <= depth={depth}, "
+                      f"or distinct layer indices below {depth} like '1,3,5', got {placement!r}")
 
 
 @dataclass
@@ -185,7 +196,7 @@ class BEiT3Config:
     moe: FFNConfig | None = None
     """The FFN of the MoE layers (None: a dense model)."""
     moe_layers: str = "none"
-    """none | all | every_other | top<N>."""
+    """none | all | every_other (1, 3, ...) | every_other_even (0, 2, ...) | top<N> | indices "1,4,7"."""
     moe_shared_branches: bool = False
     """One MoE for both modalities instead of a V and an L MoE."""
     subln: bool = True

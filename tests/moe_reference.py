@@ -110,10 +110,22 @@ def sparse_moe(x: Tensor, valid: list[bool], params: dict, cfg) -> tuple[Tensor,
     """SparseMoE on x[T, d]: (output, weighted aux loss)."""
     xs = list(x)
     ys, loss = routed_mix(xs, valid, routed_params(params), cfg.top_k, cfg.renormalize, cfg.capacity_factor)
-    shared = sub(params, "shared")
-    if shared:
-        ys = [y + dense_ffn(xt, shared) for y, xt in zip(ys, xs, strict=True)]
+    ys = with_shared(ys, xs, sub(params, "shared"), sub(params, "coef"))
     return torch.stack(ys), cfg.balance_coef * loss
+
+
+def with_shared(ys: list[Tensor], hs: list[Tensor], shared: dict, coef: dict) -> list[Tensor]:
+    """Routed outputs plus the shared expert's: added, or mixed by the 2-way softmax gate when there is one."""
+    if not shared:
+        return ys
+    out = []
+    for y, h in zip(ys, hs, strict=True):
+        if coef:
+            c = torch.softmax(coef["weight"] @ h + coef["bias"], dim=0)
+            out.append(y * c[0] + dense_ffn(h, shared) * c[1])
+        else:
+            out.append(y + dense_ffn(h, shared))
+    return out
 
 
 def mhmoe(x: Tensor, valid: list[bool], params: dict, cfg) -> tuple[Tensor, Tensor]:
@@ -134,15 +146,7 @@ def cartesian_group(xs: list[Tensor], valid: list[bool], params: dict, prefix: s
     norm = sub(params, prefix + "norm")
     hs = [F.layer_norm(x, x.shape, norm["weight"], norm["bias"]) for x in xs]
     ys, loss = routed_mix(hs, valid, routed_params(params, prefix), cfg.top_k, cfg.renormalize, cfg.capacity_factor)
-    shared = sub(params, prefix + "shared")
-    if shared:
-        coef = sub(params, prefix + "coef")
-        out = []
-        for y, hh in zip(ys, hs, strict=True):
-            c = torch.softmax(coef["weight"] @ hh + coef["bias"], dim=0)
-            out.append(y * c[0] + dense_ffn(hh, shared) * c[1])
-        ys = out
-    return ys, cfg.balance_coef * loss
+    return with_shared(ys, hs, sub(params, prefix + "shared"), sub(params, prefix + "coef")), cfg.balance_coef * loss
 
 
 def cartesian(x: Tensor, valid: list[bool], params: dict, cfg) -> tuple[Tensor, Tensor]:

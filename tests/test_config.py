@@ -64,7 +64,7 @@ def test_numeric_strings_become_numbers(tmp_path):
     ("optim.betas=[0.9]", "config: optim.betas: expected a list of float, float, got [0.9]"),
     ("model.moe.kind=moe", "config: model.moe.kind: expected one of 'dense', 'smoe', 'xmoe', 'mhmoe', 'cartesian'"),
     ("model.heads=5", "config: model.heads: expected a divisor of d_model=768, got 5"),
-    ("model.moe_layers=top13", "config: model.moe_layers: expected none, all, every_other or top<N>"),
+    ("model.moe_layers=top13", "config: model.moe_layers: expected none, all, every_other, every_other_even, top<N>"),
     ("train.stpes=10", "config: train.stpes: unknown key for TrainConfig; did you mean 'steps'?"),
     ("optim=3", "config: optim: expected OptimConfig, got 3"),
 ])

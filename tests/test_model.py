@@ -140,12 +140,17 @@ def test_stats_are_fresh_for_each_forward():
 def test_moe_placement_and_shared_branches():
     assert moe_layer_ids(12, "all") == set(range(12))
     assert moe_layer_ids(12, "every_other") == {1, 3, 5, 7, 9, 11}
+    assert moe_layer_ids(12, "every_other_even") == {0, 2, 4, 6, 8, 10}  # the CartesianMoE code's GShard formation
     assert moe_layer_ids(12, "top3") == {9, 10, 11}
-    with pytest.raises(ValueError, match="moe_layers"):
-        moe_layer_ids(12, "top13")
+    assert moe_layer_ids(12, "0, 5,11") == {0, 5, 11}
+    for bad in ("top13", "1,12", "1,1", "1,x", "odd"):
+        with pytest.raises(ValueError, match="moe_layers"):
+            moe_layer_ids(12, bad)
     model = BEiT3(dataclasses.replace(tiny("smoe"), depth=4, moe_layers="every_other", moe_shared_branches=True))
     kinds = [(type(b.ffn.v).__name__, b.ffn.shared) for b in model.encoder.blocks]
     assert kinds == [("DenseFFN", False), ("SparseMoE", True), ("DenseFFN", False), ("SparseMoE", True)]
+    even = BEiT3(dataclasses.replace(tiny("smoe"), depth=4, moe_layers="every_other_even"))
+    assert [type(b.ffn.v).__name__ for b in even.encoder.blocks] == ["SparseMoE", "DenseFFN", "SparseMoE", "DenseFFN"]
     images, ids, padding = batch()
     out = model(images, ids, padding)
     # a shared MoE routes vision and text tokens together: 2 x (5 + 6) + ... minus padding
@@ -263,3 +268,15 @@ def test_size_configs_load():
         assert one_way == depth * per_block + 2 * d
     tiny_model = BEiT3(load_config(BEiT3Config, "configs/model/tiny.yaml"))
     assert [type(b.ffn.v).__name__ for b in tiny_model.encoder.blocks] == ["DenseFFN", "MHMoE", "DenseFFN", "MHMoE"]
+
+
+def test_ffn_norms_use_the_model_eps():
+    """Every LayerNorm inside the FFNs (dense and shared sub-LN, expert sub-LN, CartesianMoE group norms) takes
+    the model's eps, as the official CartesianMoE code's `mlp_layernorm` takes rms_norm_eps."""
+    moe = FFNConfig(kind="cartesian", hidden=16, num_experts=4, top_k=2, num_shared_experts=1, subln=True)
+    model = BEiT3(dataclasses.replace(tiny(None), ffn=FFNConfig(kind="dense", hidden=32, subln=True), moe=moe,
+                                      moe_layers="every_other", eps=1e-6))
+    dense, cart = model.encoder.blocks[0].ffn.v, model.encoder.blocks[1].ffn.v
+    assert dense.sub_norm.eps == 1e-6
+    for group in (cart.group_a, cart.group_b):
+        assert group.norm.eps == group.shared.sub_norm.eps == group.experts.eps == 1e-6

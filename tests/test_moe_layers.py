@@ -46,7 +46,8 @@ def check_against_reference(cfg: FFNConfig, x: torch.Tensor, padding_mask: torch
 
 KINDS = {
     "smoe": dict(kind="smoe"),
-    "smoe-shared-renorm": dict(kind="smoe", num_shared_experts=2, renormalize=True),
+    "smoe-shared-renorm": dict(kind="smoe", num_shared_experts=2, renormalize=True),  # SMoE-Share: gated shared
+    "smoe-shared-added": dict(kind="smoe", num_shared_experts=1, shared_gate=False),  # DeepSeekMoE: added
     "xmoe": dict(kind="xmoe"),
     "mhmoe": dict(kind="mhmoe", heads=4),
     "mhmoe-linear-router": dict(kind="mhmoe", heads=2, router="linear"),

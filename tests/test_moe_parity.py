@@ -18,6 +18,7 @@ CONFIGS = {
     "dense-swiglu-nobias": FFNConfig(kind="dense", hidden=48, activation="swiglu", bias=False),
     "smoe": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2),
     "smoe-shared": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, num_shared_experts=2, shared_hidden=16),
+    "smoe-shared-added": FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, num_shared_experts=1, shared_gate=False),
     "xmoe": FFNConfig(kind="xmoe", hidden=24, num_experts=6, top_k=1, activation="swiglu"),
     "mhmoe": FFNConfig(kind="mhmoe", hidden=12, num_experts=8, top_k=3, heads=4),
     "mhmoe-linear": FFNConfig(kind="mhmoe", hidden=12, num_experts=8, top_k=2, heads=2, router="linear", bias=False),
@@ -80,6 +81,7 @@ def test_cartesian_family_hand_computed():
     share, fine, cart = cfgs["smoe_share"], cfgs["finegrained"], cfgs["cartesian"]
     assert (fine.num_experts, fine.hidden, fine.top_k, fine.shared_hidden) == (32, 8, 4, 16)
     assert (cart.num_experts, cart.hidden, cart.top_k, cart.num_shared_experts, cart.renormalize) == (16, 8, 2, 1, True)
+    assert share.renormalize and fine.renormalize and share.shared_gate and fine.shared_gate  # the official baselines
     # 34 half-size experts in all, 6 active per token: 3 * d * (d_ff / 2) each
     half = 3 * d * (d_ff // 2)
     for cfg in (share, fine, cart):

@@ -123,7 +123,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = _norm(d_model, eps)
         self.attn = Attention(d_model, heads, subln, eps, layer_idx)
-        self.ffn = Multiway(build_ffn(ffn_v, d_model), build_ffn(ffn_l, d_model) if ffn_l is not None else None)
+        self.ffn = Multiway(build_ffn(ffn_v, d_model, eps), build_ffn(ffn_l, d_model, eps) if ffn_l is not None else None)
         # a layer that owns its residual norm (CartesianMoE) gets the un-normalised stream
         self.ffn_norm = Multiway(nn.Identity()) if self.ffn.v.owns_residual_norm else _norm(d_model, eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -66,13 +66,14 @@ class GroupedExperts(nn.Module):
         bias: bool = False,
         subln: bool = False,
         dispatch: DispatchMode = "auto",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "swiglu"):
             raise ValueError(f"GroupedExperts: activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.num_experts, self.d_in, self.d_hidden = num_experts, d_in, d_hidden
         self.activation = activation
-        self.dispatch = dispatch
+        self.dispatch, self.eps = dispatch, eps
         self.w1 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_in))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden)) if activation == "swiglu" else None
@@ -125,8 +126,8 @@ class GroupedExperts(nn.Module):
         gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
         h = activate(h, gate)
         if self.norm_w is not None:
-            h = self._add_bias(F.layer_norm(h, (self.d_hidden,)) * self.norm_w.to(dtype).index_select(0, expert_of_row),
-                               self.norm_b, expert_of_row)
+            h = F.layer_norm(h, (self.d_hidden,), eps=self.eps) * self.norm_w.to(dtype).index_select(0, expert_of_row)
+            h = self._add_bias(h, self.norm_b, expert_of_row)
         scale = None if row_weights is None else row_weights.to(dtype)[:, None]
         scale_hidden = scale is not None and self.b2 is None and self.d_hidden < self.d_in
         if scale_hidden:

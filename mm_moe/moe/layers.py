@@ -65,37 +65,49 @@ class MoELayer(nn.Module):
         self.last_stats: RoutingStats | None = None
 
 
-def _experts(cfg: FFNConfig, d_in: int) -> GroupedExperts:
+def _experts(cfg: FFNConfig, d_in: int, eps: float) -> GroupedExperts:
     return GroupedExperts(cfg.num_experts, d_in, cfg.hidden, cfg.activation, bias=cfg.bias, subln=cfg.subln,
-                          dispatch=cfg.dispatch)
+                          dispatch=cfg.dispatch, eps=eps)
 
 
-def _shared(cfg: FFNConfig, d_model: int) -> DenseFFN | None:
+def _shared(cfg: FFNConfig, d_model: int, eps: float) -> DenseFFN | None:
     """Always-on shared experts: n of inner size s are exactly one FFN of inner size n*s (their outputs add up)."""
     hidden = cfg.num_shared_experts * (cfg.shared_hidden or cfg.hidden)
-    return DenseFFN(d_model, hidden, cfg.activation, cfg.bias, cfg.subln) if hidden else None
+    return DenseFFN(d_model, hidden, cfg.activation, cfg.bias, cfg.subln, eps) if hidden else None
+
+
+def _with_shared(routed: Tensor, shared: Tensor, coef: nn.Linear | None, h: Tensor) -> Tensor:
+    """routed + shared, or with a coefficient gate (c0, c1) = softmax(coef(h)) in float32: routed*c0 + shared*c1
+    (the CartesianMoE code, for its groups and its SMoE-Share baseline)."""
+    if coef is None:
+        return routed + shared
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        c = torch.softmax(nn.functional.linear(h.float(), coef.weight.float(), coef.bias.float()), -1)
+    return (routed * c[:, :1] + shared * c[:, 1:]).to(routed.dtype)
 
 
 class SparseMoE(MoELayer):
     """Top-k MoE over full-width experts, optional always-on shared experts.
 
-    Covers SMoE (linear router), X-MoE (low-dim cosine router), fine-grained and shared-expert baselines.
+    Covers SMoE (linear router), X-MoE (low-dim cosine router), fine-grained and shared-expert baselines
+    (SMoE-Share: the shared output mixed by a coefficient gate unless `shared_gate` is off).
     """
 
     owns_residual_norm = False
 
-    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+    def __init__(self, d_model: int, cfg: FFNConfig, eps: float = 1e-5) -> None:
         super().__init__()
         self.router = build_router(cfg, d_model)
-        self.experts = _experts(cfg, d_model)
-        self.shared = _shared(cfg, d_model)
+        self.experts = _experts(cfg, d_model, eps)
+        self.shared = _shared(cfg, d_model, eps)
+        self.coef = nn.Linear(d_model, 2) if self.shared is not None and cfg.shared_gate else None
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         flat, valid = _flatten(x, padding_mask)
         r = self.router(flat, valid)
         y = self.experts(flat, r.expert_idx, r.weights)
         if self.shared is not None:
-            y = y + self.shared(flat)
+            y = _with_shared(y, self.shared(flat), self.coef, flat)
         self.aux_loss, self.last_stats = r.aux_loss, RoutingStats.from_router(r)
         return y.reshape(x.shape)
 
@@ -109,7 +121,7 @@ class MHMoE(MoELayer):
 
     owns_residual_norm = False
 
-    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+    def __init__(self, d_model: int, cfg: FFNConfig, eps: float = 1e-5) -> None:
         super().__init__()
         if d_model % cfg.heads:
             raise ValueError(f"MHMoE: d_model={d_model} must be divisible by heads={cfg.heads}")
@@ -118,7 +130,7 @@ class MHMoE(MoELayer):
         self.head = nn.Linear(d_model, d_model)
         self.merge = nn.Linear(d_model, d_model)
         self.router = build_router(cfg, self.d_sub)
-        self.experts = _experts(cfg, self.d_sub)
+        self.experts = _experts(cfg, self.d_sub, eps)
         nn.init.xavier_uniform_(self.head.weight, gain=2**-0.5)
         nn.init.zeros_(self.head.bias)
         nn.init.xavier_uniform_(self.merge.weight)
@@ -137,12 +149,12 @@ class MHMoE(MoELayer):
 class _RoutedGroup(nn.Module):
     """One CartesianMoE sub-layer: norm, routed sub-experts, optional shared sub-expert mixed by a 2-way gate."""
 
-    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+    def __init__(self, d_model: int, cfg: FFNConfig, eps: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
         self.router = build_router(cfg, d_model)
-        self.experts = _experts(cfg, d_model)
-        self.shared = _shared(cfg, d_model)
+        self.experts = _experts(cfg, d_model, eps)
+        self.shared = _shared(cfg, d_model, eps)
         self.coef = nn.Linear(d_model, 2) if self.shared is not None else None
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, RouterOutput]:
@@ -150,9 +162,7 @@ class _RoutedGroup(nn.Module):
         r = self.router(h, valid)
         y = self.experts(h, r.expert_idx, r.weights)
         if self.shared is not None:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                c = torch.softmax(nn.functional.linear(h.float(), self.coef.weight.float(), self.coef.bias.float()), -1)
-            y = (y * c[:, :1] + self.shared(h) * c[:, 1:]).to(y.dtype)
+            y = _with_shared(y, self.shared(h), self.coef, h)
         return y, r
 
 
@@ -160,15 +170,18 @@ class CartesianMoE(MoELayer):
     """CartesianMoE: sub-expert groups A then B in sequence, so a token uses a pair (A_i, B_j).
 
     x1 = x + A(N(x)); out = x1 + B(N'(x1)); forward returns out - x = yA + yB, the residual update.
-    Each group routes top-k (renormalised in the paper's setting) over its own sub-experts.
+    Each group routes top-k (renormalised in the paper's setting) over its own sub-experts. N and N' are
+    LayerNorms with the model's eps (the official code: the block's post-attention norm, then `mlp_layernorm`).
+    Under stochastic depth the block drops the whole update yA + yB (A and B are one FFN branch), so B always
+    sees the undropped x1, as in a forward without drop-path (the official code has none).
     """
 
     owns_residual_norm = True
 
-    def __init__(self, d_model: int, cfg: FFNConfig) -> None:
+    def __init__(self, d_model: int, cfg: FFNConfig, eps: float = 1e-5) -> None:
         super().__init__()
-        self.group_a = _RoutedGroup(d_model, cfg)
-        self.group_b = _RoutedGroup(d_model, cfg)
+        self.group_a = _RoutedGroup(d_model, cfg, eps)
+        self.group_b = _RoutedGroup(d_model, cfg, eps)
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         flat, valid = _flatten(x, padding_mask)
@@ -179,8 +192,8 @@ class CartesianMoE(MoELayer):
         return (ya + yb).reshape(x.shape)
 
 
-_BUILDERS: dict[str, Callable[[int, FFNConfig], nn.Module]] = {
-    "dense": lambda d, cfg: DenseFFN(d, cfg.hidden, cfg.activation, cfg.bias, cfg.subln),
+_BUILDERS: dict[str, Callable[[int, FFNConfig, float], nn.Module]] = {
+    "dense": lambda d, cfg, eps: DenseFFN(d, cfg.hidden, cfg.activation, cfg.bias, cfg.subln, eps),
     "smoe": SparseMoE,
     "xmoe": SparseMoE,
     "mhmoe": MHMoE,
@@ -188,8 +201,9 @@ _BUILDERS: dict[str, Callable[[int, FFNConfig], nn.Module]] = {
 }
 
 
-def build_ffn(cfg: FFNConfig, d_model: int) -> nn.Module:
-    """The FFN layer described by `cfg` for model width `d_model`."""
+def build_ffn(cfg: FFNConfig, d_model: int, eps: float = 1e-5) -> nn.Module:
+    """The FFN layer described by `cfg` for model width `d_model`; `eps` is the model's LayerNorm epsilon (dense
+    and shared sub-LN, CartesianMoE group norms)."""
     if cfg.kind not in _BUILDERS:
         raise ValueError(f"FFNConfig.kind must be one of {sorted(_BUILDERS)}, got {cfg.kind!r}")
-    return _BUILDERS[cfg.kind](d_model, cfg)
+    return _BUILDERS[cfg.kind](d_model, cfg, eps)

@@ -26,7 +26,7 @@ class ExpertParallelExperts(GroupedExperts):
         if like.num_experts % world:
             raise ValueError(f"{like.num_experts} experts cannot be split evenly over {world} ranks")
         super().__init__(like.num_experts // world, like.d_in, like.d_hidden, like.activation, bias=like.b1 is not None,
-                         subln=like.norm_w is not None, dispatch=like.dispatch)
+                         subln=like.norm_w is not None, dispatch=like.dispatch, eps=like.eps)
         self.global_experts, self.group, self.world = like.num_experts, group, world
         self.first = dist.get_rank(group) * self.num_experts
         with torch.no_grad():

@@ -63,8 +63,10 @@ def ffn_cost(cfg: FFNConfig, d_model: int) -> FFNCost:
         return FFNCost(w + b, w, w + b, 2 * w, 2 * w)
     if cfg.kind in ("smoe", "xmoe"):
         r = _routed(d, cfg)
-        return FFNCost(r["params"], r["core_params"], r["active_params"],
-                       2 * (r["core_macs"] + r["router_macs"]), 2 * r["core_macs"])
+        gated = cfg.num_shared_experts > 0 and cfg.shared_gate  # 2-way coefficient gate
+        gate, gate_macs = (2 * d + 2, 2 * d) if gated else (0, 0)
+        return FFNCost(r["params"] + gate, r["core_params"], r["active_params"] + gate,
+                       2 * (r["core_macs"] + r["router_macs"] + gate_macs), 2 * r["core_macs"])
     if cfg.kind == "mhmoe":
         h = cfg.heads
         r = _routed(d // h, cfg)
@@ -134,14 +136,15 @@ def cartesian_matched(
     """SMoE-Share, Fine-grained MoE and CartesianMoE with equal core parameters and active FLOPs (arXiv 2410.16077).
 
     SMoE-Share: E experts of d_ff + 1 shared, top-k. Fine-grained: 2E experts of d_ff/2 + a shared d_ff, top-2k.
-    CartesianMoE: per group, E sub-experts of d_ff/2 + 1 shared half-size, top-k, renormalised top-k weights.
+    CartesianMoE: per group, E sub-experts of d_ff/2 + 1 shared half-size, top-k. As in the official code, all
+    three renormalise their top-k weights (k > 1) and mix the shared expert through a 2-way coefficient gate.
     The paper's setting is E=16, k=2 with SwiGLU experts.
     """
     if d_ff % 2:
         raise ValueError(f"cartesian_matched: d_ff={d_ff} must be even (sub-experts are half size)")
     half = d_ff // 2
-    share = FFNConfig(kind="smoe", hidden=d_ff, num_experts=num_experts, top_k=top_k,
-                      num_shared_experts=1, activation=activation, **common)
+    share = FFNConfig(kind="smoe", hidden=d_ff, num_experts=num_experts, top_k=top_k, num_shared_experts=1,
+                      activation=activation, renormalize=True, shared_gate=True, **common)
     fine = dataclasses.replace(share, hidden=half, num_experts=2 * num_experts, top_k=2 * top_k, shared_hidden=d_ff)
-    cart = dataclasses.replace(share, kind="cartesian", hidden=half, renormalize=True)
+    cart = dataclasses.replace(share, kind="cartesian", hidden=half)
     return {"smoe_share": share, "finegrained": fine, "cartesian": cart}
