@@ -5,7 +5,8 @@
 writes, for the MoE layers of the encoder on image-text batches:
   expert_load.png      per-layer x per-expert selection frequency (the MH-MoE paper's activation heatmap)
   pairs_<layer>.png    CartesianMoE: the A x B sub-expert pair usage matrix
-  analysis.json        activation ratio, routing entropy and load imbalance per layer, and the routing
+  analysis.json        activation ratio (scale-free: experts selected above 0.1 x k / E; also per modality and
+                       at the absolute 1% bar), routing entropy and load imbalance per layer, and the routing
                        robustness experiment (CartesianMoE paper): masked-LM loss / perplexity with each
                        token's top-1 expert disabled (routed to its next choices) against normal routing.
 """
@@ -33,7 +34,7 @@ from mm_moe.engine.checkpoint import resolve_checkpoint
 from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import RoutingStats
 from mm_moe.moe.routing import Router
-from mm_moe.moe.stats import activation_ratio, merge_stats
+from mm_moe.moe.stats import activation_by_modality, activation_ratio, merge_stats
 
 
 @contextmanager
@@ -113,6 +114,8 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
     if not stats:
         return report
     report["activation_ratio"] = activation_ratio(list(stats.values()))
+    report["activation_ratio_by_modality"] = activation_by_modality(stats)
+    report["activation_ratio_over_1pct"] = activation_ratio(list(stats.values()), threshold=0.01)
     report["layers"] = {k: {"activation_ratio": s.activation_ratio(), "entropy": s.mean_entropy,
                             "imbalance": s.imbalance} for k, s in stats.items()}
     report["figures"] = [str(plot_load(stats, out / "expert_load.png"))]

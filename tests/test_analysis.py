@@ -107,7 +107,7 @@ def test_analyze_against_independent_computations(tmp_path, kind):
     assert report["top1_disabled"]["mlm_loss"] == pytest.approx(skipped, rel=1e-5)
     assert report["top1_disabled"]["perplexity_ratio"] == pytest.approx(math.exp(skipped - normal), rel=1e-5)
 
-    # activation ratio: share of (router, expert) cells chosen for over 1% of that router's real (sub-)tokens
+    # activation ratio: share of (router, expert) cells chosen for over 0.1 x k / E of that router's real (sub-)tokens
     counts: dict[int, torch.Tensor] = {}
     routed: dict[int, int] = {}
 
@@ -122,9 +122,13 @@ def test_analyze_against_independent_computations(tmp_path, kind):
             model(images=b["images"], text_ids=b["masked_ids"], text_padding=b["text_padding"])
     for h in hooks:
         h.remove()
+    bars = {id(m): 0.1 * m.top_k / m.num_experts for m in model.modules() if isinstance(m, Router)}
     cells = torch.cat([counts[k] / routed[k] for k in counts])
+    active = torch.cat([counts[k] / routed[k] > bars[k] for k in counts])
     assert len(counts) == 2 * 2 * (2 if kind == "cartesian" else 1)  # layers x branches x groups
-    assert report["activation_ratio"] == pytest.approx((cells > 0.01).float().mean().item())
+    assert report["activation_ratio"] == pytest.approx(active.float().mean().item())
+    assert report["activation_ratio_over_1pct"] == pytest.approx((cells > 0.01).float().mean().item())
+    assert set(report["activation_ratio_by_modality"]) == {"vision", "language"}
 
     assert len(report["layers"]) == 4
     pairs = [f for f in report["figures"] if "pairs_" in f]

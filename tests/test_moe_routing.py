@@ -9,7 +9,7 @@ import torch
 from moe_reference import expert_ffn
 
 from mm_moe.config import FFNConfig
-from mm_moe.moe import GroupedExperts, RoutingStats, build_ffn
+from mm_moe.moe import GroupedExperts, RoutingStats, activation_by_modality, build_ffn
 from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, z_loss
 
 
@@ -102,11 +102,37 @@ def test_stats_hand_computed_for_forced_routing():
 
 def test_activation_ratio_threshold_and_merge():
     a = RoutingStats(torch.tensor([[50, 30, 15, 5, 0]]), torch.tensor(100), 1, torch.tensor(0), torch.tensor(0.0))
-    assert a.activation_ratio(0.01) == pytest.approx(4 / 5)
-    assert a.activation_ratio(0.10) == pytest.approx(3 / 5)
+    # uniform share k / E = 0.2: the bar is 0.1 * 0.2 = 0.02 of the tokens (5% passes), or 0.5 * 0.2 = 0.1
+    assert a.activation_ratio() == pytest.approx(4 / 5)
+    assert a.activation_ratio(share=0.5) == pytest.approx(3 / 5)
+    assert a.activation_ratio(threshold=0.10) == pytest.approx(3 / 5)  # the absolute reading
     merged = a.merge(a)
     assert merged.counts.tolist() == [[100, 60, 30, 10, 0]] and int(merged.num_tokens) == 200
-    assert merged.activation_ratio(0.10) == a.activation_ratio(0.10)
+    assert merged.activation_ratio(share=0.5) == a.activation_ratio(share=0.5)
+
+
+@pytest.mark.parametrize("experts,k", [(8, 1), (32, 2), (128, 1), (256, 2)])
+def test_activation_ratio_is_scale_free(experts, k):
+    """Uniform routing activates every expert at any E and k (an absolute 1% bar reads 0% at E = 128, k = 1);
+    routing to half the experts uniformly reads 50%."""
+    tokens = 100 * experts
+    uniform = RoutingStats(torch.full((1, experts), tokens * k // experts), torch.tensor(tokens), k, torch.tensor(0),
+                           torch.tensor(0.0))
+    assert uniform.activation_ratio() == 1.0
+    if experts >= 128 and k == 1:
+        assert uniform.activation_ratio(threshold=0.01) == 0.0
+    half = torch.zeros(1, experts, dtype=torch.long)
+    half[0, ::2] = tokens * k // (experts // 2)
+    assert RoutingStats(half, torch.tensor(tokens), k, torch.tensor(0), torch.tensor(0.0)).activation_ratio() == 0.5
+
+
+def test_activation_by_modality():
+    def stats(counts: list[int]) -> RoutingStats:
+        return RoutingStats(torch.tensor([counts]), torch.tensor(100), 1, torch.tensor(0), torch.tensor(0.0))
+
+    layers = {"blocks.1.ffn.v": stats([50, 50, 0, 0]), "blocks.1.ffn.l": stats([25, 25, 25, 25]),
+              "blocks.3.ffn.v": stats([100, 0, 0, 0])}
+    assert activation_by_modality(layers) == {"vision": pytest.approx(3 / 8), "language": 1.0}
 
 
 def test_entropy_of_uniform_router_is_log_e():

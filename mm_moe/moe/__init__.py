@@ -7,11 +7,11 @@ from mm_moe.moe.layers import CartesianMoE, DenseFFN, MHMoE, MoELayer, SparseMoE
 from mm_moe.moe.parallel import ExpertParallelExperts, shard_experts
 from mm_moe.moe.parity import FFNCost, cartesian_matched, ffn_cost, mhmoe_matched
 from mm_moe.moe.routing import Router, RouterOutput, TopKRouter, XMoERouter, balance_loss, renormalize_routers, z_loss
-from mm_moe.moe.stats import RoutingStats, activation_ratio, mean_imbalance, merge_stats
+from mm_moe.moe.stats import RoutingStats, activation_by_modality, activation_ratio, mean_imbalance, merge_stats
 
 __all__ = [
     "FFNConfig", "GroupedExperts", "DenseFFN", "MoELayer", "SparseMoE", "MHMoE", "CartesianMoE", "build_ffn",
     "FFNCost", "ffn_cost", "mhmoe_matched", "cartesian_matched", "ExpertParallelExperts", "shard_experts",
     "Router", "RouterOutput", "TopKRouter", "XMoERouter", "balance_loss", "z_loss", "renormalize_routers",
-    "RoutingStats", "activation_ratio", "merge_stats", "mean_imbalance",
+    "RoutingStats", "activation_ratio", "activation_by_modality", "merge_stats", "mean_imbalance",
 ]

@@ -13,6 +13,10 @@ from torch import Tensor
 
 from mm_moe.moe.routing import RouterOutput
 
+ACTIVE_SHARE = 0.1
+"""An expert is activated when it is selected for more than this fraction of its uniform share k / E."""
+
+
 
 @dataclass
 class RoutingStats:
@@ -86,9 +90,9 @@ class RoutingStats:
         """f32[G, E]: how often each expert is selected per routed (sub-)token (sums to top_k minus drops)."""
         return self.counts.float() / self.num_tokens.clamp_min(1)
 
-    def activation_ratio(self, threshold: float = 0.01) -> float:
+    def activation_ratio(self, share: float = ACTIVE_SHARE, threshold: float | None = None) -> float:
         """This layer's expert activation ratio (see `activation_ratio`)."""
-        return activation_ratio([self], threshold)
+        return activation_ratio([self], share, threshold)
 
     @property
     def dropped_fraction(self) -> float:
@@ -108,15 +112,32 @@ class RoutingStats:
         return (load.max(-1).values * load.shape[-1]).max().item()
 
 
-def activation_ratio(layers: list[RoutingStats], threshold: float = 0.01) -> float:
-    """Fraction of all (layer, expert) cells whose selection frequency (selections / routed tokens) exceeds
-    `threshold`: the MH-MoE paper's expert activation ratio (its Figure 1 heatmap over layers x experts).
+def activation_ratio(layers: list[RoutingStats], share: float = ACTIVE_SHARE, threshold: float | None = None) -> float:
+    """Fraction of all (layer, group, expert) cells counted as activated: the MH-MoE paper's expert activation
+    ratio (its Figure 1 heatmap over layers x experts), defined scale-free.
 
-    The paper leaves the threshold unstated ("< 1"); 0.01 counts an expert as activated once it serves over
-    1% of its layer's (sub-)tokens.
+    A cell is activated when its selection frequency (selections / routed (sub-)tokens) exceeds `share` x k / E,
+    a fraction of what every expert gets under uniform routing: so uniform routing reads 100% at any E and k, and
+    SMoE (E=8, k=1) and MH-MoE (E=80, k=2) are held to the same relative bar. The paper leaves its threshold
+    unstated ("< 1"); `threshold` (e.g. 0.01, an absolute frequency) gives that older, scale-dependent reading.
     """
-    freq = torch.cat([s.selection_frequency.flatten() for s in layers])
-    return (freq > threshold).float().mean().item()
+    active = []
+    for s in layers:
+        freq = s.selection_frequency  # [G, E]
+        bar = threshold if threshold is not None else share * s.top_k / freq.shape[-1]
+        active.append((freq > bar).flatten())
+    return torch.cat(active).float().mean().item()
+
+
+def activation_by_modality(stats: dict[str, RoutingStats], share: float = ACTIVE_SHARE) -> dict[str, float]:
+    """Activation ratio over the vision-branch and the language-branch MoE layers (names ending in ".v" / ".l",
+    as the Multiway encoder reports them); a branch without MoE layers is left out."""
+    out = {}
+    for modality, suffix in (("vision", ".v"), ("language", ".l")):
+        layers = [s for name, s in stats.items() if name.endswith(suffix)]
+        if layers:
+            out[modality] = activation_ratio(layers, share)
+    return out
 
 
 def merge_stats(total: dict[str, RoutingStats], new: dict[str, RoutingStats]) -> dict[str, RoutingStats]:
@@ -129,4 +150,4 @@ def mean_imbalance(stats: dict[str, RoutingStats]) -> float:
     return sum(s.imbalance for s in stats.values()) / len(stats) if stats else float("nan")
 
 
-__all__ = ["RoutingStats", "activation_ratio", "merge_stats", "mean_imbalance"]
+__all__ = ["RoutingStats", "ACTIVE_SHARE", "activation_ratio", "activation_by_modality", "merge_stats", "mean_imbalance"]
