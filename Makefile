@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_decode.py
+
+# on a CUDA machine: MoE layers in bf16 (torch._grouped_mm on sm90+), the training step with model FLOPs utilisation
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_moe.py --device cuda --peers grouped_mm torchscale
+	$(BIN)/python benchmarks/bench_train.py --sizes tiny base
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check mm_moe tests benchmarks data *.py

@@ -20,6 +20,9 @@ the layer's step): the matmul column is the ratio a layer would have if nothing 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
     python benchmarks/bench_moe.py --breakdown     # where each layer's time goes: matmuls, gather/scatter, activation, rest
+    python benchmarks/bench_moe.py --device cuda   # on a GPU in bf16 (torch._grouped_mm on sm90+): `make bench-gpu`
+On CUDA each step runs under bf16 autocast and is timed between device synchronisations, after at least
+three warm-up rounds (page faults mean nothing there).
 """
 
 from __future__ import annotations
@@ -186,20 +189,27 @@ class OpTimer(TorchDispatchMode):
         return out
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor, timer: OpTimer | None = None) -> tuple[float, int]:
     """Seconds for one forward + backward (aux loss included when the layer has one), and its page faults;
     with a timer, every op's time is also summed into it."""
     module.zero_grad(set_to_none=True)
     x.grad = None
+    sync(x.device)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    with timer or contextlib.nullcontext():
+    with timer or contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
         y = module(x)
         loss = (y * grad).sum()
         aux = getattr(module, "aux_loss", None)
         if aux is not None and aux.requires_grad:
             loss = loss + aux
         loss.backward()
+    sync(x.device)
     seconds = time.perf_counter() - t0
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
@@ -214,7 +224,8 @@ def warm_up(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor, grad: Tensor, m
     while True:
         rounds += 1
         worst = max(fwd_bwd(m, x, grad)[1] for pair in pairs for m in pair)
-        if worst <= STEADY_FAULTS or rounds >= max_rounds:
+        steady = worst <= STEADY_FAULTS and (x.device.type != "cuda" or rounds >= 3)  # GPU: kernels tuned, caches warm
+        if steady or rounds >= max_rounds:
             return rounds, worst
 
 
@@ -222,13 +233,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     random.seed(0)
     d, tokens = args.d, args.tokens
+    device = torch.device(args.device)
     rows = []
     for k in args.topk:
         for routing in args.routing:
-            bias = zipf_bias(args.experts, args.skew) if routing == "skewed" else None
+            bias = zipf_bias(args.experts, args.skew).to(device) if routing == "skewed" else None
             twins, cands = make_candidates(d, args.experts, k, args.dense_hidden, bias, args.peers)
-            x = torch.randn(1, tokens, d, requires_grad=True)
-            grad = torch.randn(1, tokens, d)
+            for m in [*twins.values(), *(c.module for c in cands)]:
+                m.to(device)
+            x = torch.randn(1, tokens, d, device=device, requires_grad=True)
+            grad = torch.randn(1, tokens, d, device=device)
             warm, worst = warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
             print(f"# top-{k} {routing}: {warm} warm-up rounds, the most page faults of one step in the last: {worst}")
             samples: dict[str, list[dict]] = {c.name: [] for c in cands}
@@ -282,6 +296,12 @@ def print_rows(rows: list[dict], header: bool, breakdown: bool = False) -> None:
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
+def where(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"bf16 autocast (fp32 weights, as training) on {torch.cuda.get_device_name(torch.device(device))}"
+    return f"fp32, {torch.get_num_threads()} threads"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=768)
@@ -301,6 +321,7 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="time every op and split each layer's step into matmul, gather/scatter, activation and the rest")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
@@ -309,7 +330,7 @@ def main() -> None:
         args.max_warmup = 1
     what = "; op time by class as a fraction of the twin's step" if args.breakdown else ""
     print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, tokens={args.tokens}, "
-          f"experts={args.experts}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}")
+          f"experts={args.experts}, {where(args.device)}, torch {torch.__version__}, {allocator}")
     run(args)
 
 

@@ -18,21 +18,29 @@ KINDS = {
 }
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # CUDA autocast also runs layer_norm in fp32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("subln", [False, True])
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("variant", list(KINDS))
-def test_bf16_autocast_forward_backward(variant, dispatch):
+def test_bf16_autocast_forward_backward(variant, dispatch, subln, device):
+    if dispatch == "grouped_mm" and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm on CUDA needs sm90+")
     torch.manual_seed(0)
-    layer = build_ffn(FFNConfig(hidden=32, num_experts=8, top_k=2, z_loss_coef=1e-3, dispatch=dispatch, **KINDS[variant]), D)
+    cfg = FFNConfig(hidden=32, num_experts=8, top_k=2, z_loss_coef=1e-3, dispatch=dispatch, subln=subln, **KINDS[variant])
+    layer = build_ffn(cfg, D).to(device)
     routed = []
     for m in layer.modules():
         if isinstance(m, Router):
             m.register_forward_hook(lambda mod, inp, out: routed.append(out))
-    x = torch.randn(2, 16, D, requires_grad=True)
+    x = torch.randn(2, 16, D, device=device, requires_grad=True)
 
     y32 = layer(x)
     idx32 = [r.expert_idx for r in routed]
     routed.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = layer(x)
         loss = y.float().square().mean() + layer.aux_loss
     loss.backward()

@@ -126,7 +126,8 @@ class GroupedExperts(nn.Module):
         gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
         h = activate(h, gate)
         if self.norm_w is not None:
-            h = F.layer_norm(h, (self.d_hidden,), eps=self.eps) * self.norm_w.to(dtype).index_select(0, expert_of_row)
+            h = F.layer_norm(h, (self.d_hidden,), eps=self.eps).to(dtype)  # CUDA autocast runs layer_norm in fp32
+            h = h * self.norm_w.to(dtype).index_select(0, expert_of_row)
             h = self._add_bias(h, self.norm_b, expert_of_row)
         scale = None if row_weights is None else row_weights.to(dtype)[:, None]
         scale_hidden = scale is not None and self.b2 is None and self.d_hidden < self.d_in
