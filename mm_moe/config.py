@@ -128,6 +128,12 @@ class FFNConfig:
     weight would be p / p = 1 and the router would get no gradient from the task)."""
     balance_coef: Annotated[float, NonNegative] = 0.01
     """Weight of the Switch load-balance loss."""
+    global_balance: bool = False
+    """Balance loss over the global batch (Qwen): top-1 counts summed over data-parallel ranks, and over the step's
+    earlier micro-batches, before f is taken; P stays each rank's own."""
+    bias_update_rate: Annotated[float, NonNegative] = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for top-k selection only,
+    moved by this rate x sign(mean load - load) after every optimizer step (0: off; DeepSeek-V3 used 0.001)."""
     z_loss_coef: Annotated[float, NonNegative] = 0.0
     """Weight of the router z-loss."""
     capacity_factor: PosFloat | None = None

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from mm_moe.config import BEiT3Config, FFNConfig, OptimConfig, RunConfig, TrainConfig
 from mm_moe.engine import DistInfo, Task, Trainer
 from mm_moe.model import BEiT3ForVQA
-from mm_moe.moe import GroupedExperts, shard_experts
+from mm_moe.moe import GroupedExperts, build_ffn, shard_experts, update_routers
 
 
 def free_port() -> int:
@@ -113,3 +113,34 @@ def accumulation_syncs_once_per_step(rank: int, world: int, port: int, out_dir: 
         if rank == 0:
             torch.save({"state": model.state_dict(), "calls": calls[accum]}, f"{out_dir}/accum{accum}.pt")
     dist.destroy_process_group()
+
+
+def balancing_on_two_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One training forward of a global-balance, bias-balanced MoE layer on this rank's half of a batch, the
+    aux-loss gradients averaged as DDP does, then the router update; saves what one process must reproduce."""
+    init(rank, world, port)
+    layer = balancing_layer()
+    x = balancing_batch()
+    half = x.shape[0] // world
+    layer(x[rank * half:(rank + 1) * half])
+    layer.aux_loss.backward()
+    aux = layer.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    grads = {}
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / world
+    update_routers(layer)
+    torch.save({"aux": aux / world, "grads": grads, "bias": layer.router.expert_bias.clone()},
+               f"{out_dir}/balancing{rank}.pt")
+
+
+def balancing_layer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = FFNConfig(kind="smoe", hidden=8, num_experts=4, top_k=2, global_balance=True, bias_update_rate=0.1)
+    return build_ffn(cfg, 6).train()
+
+
+def balancing_batch() -> torch.Tensor:
+    return torch.randn(12, 6, generator=torch.Generator().manual_seed(1))

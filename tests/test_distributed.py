@@ -244,3 +244,40 @@ def test_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tmp_p
     single = dist_workers.accumulation_run(str(tmp_path / "single"), 2, 1, 0).fit()
     for name, value in single.state_dict().items():
         torch.testing.assert_close(two["state"][name], value, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_global_balance_and_bias_updates_on_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    """The global-batch balance loss of 2 ranks (f over both, P each rank's own, averaged as DDP averages) is the
+    one-process loss of the whole batch, with the same router gradients; the aux-loss-free biases move alike."""
+    mp.spawn(dist_workers.balancing_on_two_ranks, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    layer = dist_workers.balancing_layer()
+    layer(dist_workers.balancing_batch())
+    layer.aux_loss.backward()
+    dist_workers.update_routers(layer)
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"balancing{rank}.pt", weights_only=True)
+        assert got["aux"].item() == pytest.approx(layer.aux_loss.item(), rel=1e-6)
+        assert got["grads"].keys() == grads.keys() and grads
+        for name, g in grads.items():
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-7, rtol=1e-5)
+        assert torch.equal(got["bias"], layer.router.expert_bias) and layer.router.expert_bias.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_balancing_options_resume_exactly_under_expert_parallelism(runs, tmp_path):
+    """Pretraining with the global-batch balance loss and aux-loss-free biases under DDP + expert parallelism:
+    the biases move and are checkpointed, and a resume from step 2 recomputes steps 3 and 4 exactly."""
+    balancing = ["model.moe.global_balance=true", "model.moe.bias_update_rate=0.01"]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    train_cli([*runs.args("pretrain"), *TINY, *MODES["ddp+ep"], *balancing, f"run_dir={run}"], WORLD)
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "step-00000004")
+    train_cli([*runs.args("pretrain"), *TINY, *MODES["ddp+ep"], *balancing, f"run_dir={resumed}", "--resume"], WORLD)
+    a, b = weights(run / "step-00000004"), weights(resumed / "step-00000004")
+    biases = [k for k in a if k.endswith("router.expert_bias")]
+    assert biases and all(a[k].abs().sum() > 0 for k in biases)
+    assert not torch.equal(a[biases[0]], weights(run / "step-00000002")[biases[0]])  # moved after step 2 as well
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in records(run)]

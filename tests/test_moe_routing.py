@@ -10,7 +10,7 @@ from moe_reference import expert_ffn
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import GroupedExperts, RoutingStats, activation_by_modality, build_ffn
-from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, z_loss
+from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, update_routers, z_loss
 
 
 def test_balance_loss_hand_computed():
@@ -175,3 +175,55 @@ def test_renormalize_is_a_no_op_at_top1(kind):
     for name, g in grads[True].items():
         assert torch.equal(g, grads[False][name]), name
         assert g.abs().sum() > 0, name
+
+
+def test_aux_loss_free_bias_steers_selection_only_and_moves_by_the_step_load():
+    """DeepSeek-V3 balancing: the bias decides which experts are chosen, the combine weights stay the softmax
+    probabilities; after the step each bias moves by rate * sign(mean load - load), loads summed over the step's
+    micro-batches; the bias is a buffer (checkpointed), not a parameter."""
+    torch.manual_seed(0)
+    cfg = FFNConfig(kind="smoe", hidden=8, num_experts=4, top_k=2, bias_update_rate=0.1, balance_coef=0.0)
+    layer = build_ffn(cfg, 6).train()
+    router = layer.router
+    assert "router.expert_bias" in layer.state_dict() and "router.expert_bias" not in dict(layer.named_parameters())
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 always chosen
+    seen = []
+    router.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = [torch.randn(5, 6), torch.randn(3, 6)]
+    pad = torch.tensor([False, False, False, False, True])
+    layer(x[0], padding_mask=pad)
+    layer(x[1])
+    for out in seen:
+        assert (out.expert_idx[out.valid][:, 0] == 3).all()  # chosen by the bias ...
+        probs = out.probs.gather(1, out.expert_idx.clamp_min(0))
+        torch.testing.assert_close(out.weights, probs * (out.expert_idx >= 0))  # ... weighted by its probability
+    load = torch.zeros(4)
+    for out in seen:
+        for e in out.expert_idx[out.valid].flatten().tolist():
+            load[e] += 1
+    assert load.sum() == 2 * (4 + 3)
+    update_routers(layer)
+    torch.testing.assert_close(router.expert_bias, torch.tensor([0.0, 0.0, 0.0, 5.0]) + 0.1 * torch.sign(load.mean() - load))
+    assert router.step_selections is None
+    layer.eval()(x[1])  # evaluation routes with the bias but counts nothing
+    assert router.step_selections is None
+
+
+def test_global_balance_loss_uses_the_counts_of_the_steps_micro_batches():
+    torch.manual_seed(0)
+    cfg = FFNConfig(kind="smoe", hidden=8, num_experts=4, top_k=1, global_balance=True)
+    layer = build_ffn(cfg, 6).train()
+    seen = []
+    layer.router.register_forward_hook(lambda m, i, o: seen.append(o))
+    a, b = torch.randn(7, 6), torch.randn(5, 6)
+    layer(a)
+    first = layer.aux_loss
+    layer(b)
+    second = layer.aux_loss
+    top1 = [o.expert_idx[:, 0] for o in seen]
+    assert first.item() == pytest.approx(0.01 * balance_loss(seen[0].probs, top1[0], seen[0].valid).item())
+    both = torch.bincount(torch.cat(top1), minlength=4).float()  # f of both micro-batches, P of the second
+    p = seen[1].probs.mean(0)
+    assert second.item() == pytest.approx(0.01 * 4 * (both / both.sum() * p).sum().item(), rel=1e-6)
+    update_routers(layer)
+    assert layer.router.step_top1 is None

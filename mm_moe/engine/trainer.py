@@ -39,7 +39,7 @@ from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.model import TaskOutput
 from mm_moe.moe.parallel import shard_experts
-from mm_moe.moe.routing import renormalize_routers
+from mm_moe.moe.routing import update_routers
 from mm_moe.moe.stats import mean_imbalance
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class Trainer:
             sums["skipped"] += batch.get("num_skipped", 0)
         grad_norm = clip_grad_norm(self.raw, self.cfg.optim.clip_grad) if self.cfg.optim.clip_grad else None
         self.optimizer.step()
-        renormalize_routers(self.raw)
+        update_routers(self.raw)
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -1,4 +1,5 @@
-"""Routers (linear top-k, X-MoE low-dim cosine), capacity dropping, and the balance / z losses.
+"""Routers (linear top-k, X-MoE low-dim cosine), capacity dropping, the balance / z losses, and two balancing
+options beyond the seeds: auxiliary-loss-free biases (DeepSeek-V3) and a global-batch balance loss (Qwen).
 
 All router math runs in float32, also under autocast: logits, softmax, top-k and losses.
 """
@@ -9,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,17 +29,32 @@ class RouterOutput:
     aux_loss: Tensor  # f32 scalar; balance and z losses, already weighted by their coefficients
 
 
-def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor) -> Tensor:
+def top1_counts(top1: Tensor, valid: Tensor, num_experts: int) -> Tensor:
+    """f32[E]: how many valid tokens have each expert as their first choice."""
+    return torch.zeros(num_experts, device=top1.device).index_add(0, top1, valid.float())
+
+
+def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor, counts: Tensor | None = None) -> Tensor:
     """Switch/GShard load-balance loss E * sum_e f_e * P_e over valid tokens (padding excluded).
 
-    f_e: fraction of valid tokens whose top-1 expert is e; P_e: mean router probability of e.
+    f_e: fraction of valid tokens whose top-1 expert is e (of `counts`, top-1 counts over a larger batch, when
+    given: the global-batch loss); P_e: mean router probability of e over these tokens.
     """
     num_experts = probs.shape[-1]
     n = valid.sum().clamp_min(1)
-    f = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
-    f = f.index_add(0, top1, valid.to(probs.dtype)) / n  # [E]
+    if counts is None:
+        counts = top1_counts(top1, valid, num_experts)
+    f = (counts / counts.sum().clamp_min(1)).to(probs.dtype)  # [E]
     p = (probs * valid[:, None]).sum(0) / n  # [E]
     return num_experts * (f * p).sum()
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of `t` over the data-parallel ranks (all of them: expert parallelism shards experts, not routers)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def z_loss(logits: Tensor, valid: Tensor) -> Tensor:
@@ -74,6 +91,8 @@ class Router(nn.Module):
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         capacity_factor: float | None = None,
+        bias_update_rate: float = 0.0,
+        global_balance: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -82,7 +101,15 @@ class Router(nn.Module):
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.capacity_factor = capacity_factor
+        self.bias_update_rate = bias_update_rate
+        self.global_balance = global_balance
         self.skip_top1 = False  # robustness analysis: route every token to its choices 2..k+1
+        if bias_update_rate:  # a buffer: checkpointed, never trained by gradients
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # what this optimizer step has routed so far, summed over its micro-batches (plain tensors, not buffers:
+        # DDP would broadcast rank 0's); reset by `update_routers` after the step
+        self.step_selections: Tensor | None = None  # f32[E]: all k choices of valid tokens (bias updates)
+        self.step_top1: Tensor | None = None  # f32[E]: top-1 choices over all ranks (global balance loss)
 
     def score(self, x: Tensor) -> Tensor:
         """Router logits f32[T, E] for float32 input [T, d]."""
@@ -95,16 +122,28 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.score(x.float())  # [T, E] f32
             probs = logits.softmax(dim=-1)
+            # aux-loss-free balancing: the bias steers which experts are chosen, never the combine weights
+            select = probs + self.expert_bias if self.bias_update_rate else probs
             if self.skip_top1:  # the top-1 expert is disabled; the next k choices keep their softmax weights
-                weights, expert_idx = probs.topk(self.top_k + 1, dim=-1)
-                weights, expert_idx = weights[:, 1:], expert_idx[:, 1:]
+                expert_idx = select.topk(self.top_k + 1, dim=-1).indices[:, 1:]
             else:
-                weights, expert_idx = probs.topk(self.top_k, dim=-1)  # [T, k]
+                expert_idx = select.topk(self.top_k, dim=-1).indices  # [T, k]
+            weights = probs.gather(1, expert_idx)
             if self.renormalize and self.top_k > 1:  # at k = 1 it would make every weight p / p = 1: no task
                 weights = weights / weights.sum(dim=-1, keepdim=True)  # gradient to the router (CartesianMoE code)
             aux = logits.new_zeros(())
+            if self.training and self.bias_update_rate:
+                chosen = torch.zeros(self.num_experts, device=x.device).index_add(
+                    0, expert_idx[valid].flatten(), torch.ones(int(valid.sum()) * self.top_k, device=x.device))
+                self.step_selections = chosen if self.step_selections is None else self.step_selections + chosen
             if self.balance_coef:
-                aux = aux + self.balance_coef * balance_loss(probs, expert_idx[:, 0], valid)
+                counts = None
+                if self.global_balance and self.training:  # top-1 counts of every rank and earlier micro-batch
+                    counts = _all_reduce_sum(top1_counts(expert_idx[:, 0], valid, self.num_experts))
+                    if self.step_top1 is not None:
+                        counts = counts + self.step_top1
+                    self.step_top1 = counts
+                aux = aux + self.balance_coef * balance_loss(probs, expert_idx[:, 0], valid, counts)
             if self.z_loss_coef:
                 aux = aux + self.z_loss_coef * z_loss(logits, valid)
         expert_idx = expert_idx.masked_fill(~valid[:, None], -1)
@@ -137,7 +176,7 @@ class XMoERouter(Router):
 
     Tokens are projected to a `router_dim`-dim space; logits are dot products with L2-normalised
     expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each training forward, as
-    torchscale does, and by `renormalize_routers` after each optimizer step: under FSDP2 the forward sees a
+    torchscale does, and by `update_routers` after each optimizer step: under FSDP2 the forward sees a
     gathered copy, so its in-place write would not reach the stored, sharded parameter).
     """
 
@@ -165,12 +204,20 @@ class XMoERouter(Router):
         return reduced @ F.normalize(self.expert_emb.float(), dim=1, eps=1e-4).t()  # [T, E]
 
 
-def renormalize_routers(model: nn.Module) -> None:
-    """Re-apply the routers' in-place constraints (X-MoE expert-embedding norms) to the stored parameters; the
-    trainer calls it after every optimizer step."""
+@torch.no_grad()
+def update_routers(model: nn.Module) -> None:
+    """What routers do after every optimizer step (the trainer calls it; collective under torch.distributed when
+    a router balances by bias): re-apply the X-MoE expert-embedding norms to the stored parameters; move each
+    aux-loss-free bias by bias_update_rate * sign(mean load - load), the loads being this step's selections summed
+    over micro-batches and ranks (so every rank moves its bias identically); forget the step's counts."""
     for m in model.modules():
         if isinstance(m, XMoERouter):
             m.renormalize_()
+        if isinstance(m, Router):
+            if m.bias_update_rate and m.step_selections is not None:
+                load = _all_reduce_sum(m.step_selections)
+                m.expert_bias.add_(m.bias_update_rate * torch.sign(load.mean() - load))
+            m.step_selections = m.step_top1 = None
 
 
 def build_router(cfg: FFNConfig, d_in: int) -> Router:
@@ -180,6 +227,8 @@ def build_router(cfg: FFNConfig, d_in: int) -> Router:
         balance_coef=cfg.balance_coef,
         z_loss_coef=cfg.z_loss_coef,
         capacity_factor=cfg.capacity_factor,
+        bias_update_rate=cfg.bias_update_rate,
+        global_balance=cfg.global_balance,
     )
     if cfg.router_kind == "xmoe":
         return XMoERouter(d_in, cfg.num_experts, cfg.top_k, router_dim=cfg.router_dim, **kwargs)
