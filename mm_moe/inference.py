@@ -68,16 +68,13 @@ class Predictor:
     """A fine-tuned task model ready for inference (eval mode, no gradients); subclasses name the task."""
 
     task: ClassVar[str]
+    model_class: ClassVar[type[nn.Module]]
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: RunConfig, answers: list[str] | None = None,
                  device: str | torch.device | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tokenizer, self.cfg, self.answers = model.eval().to(self.device), tokenizer, cfg, answers
         self.transform = eval_transform(cfg.model.img_size)
-
-    @classmethod
-    def _build(cls, cfg: RunConfig, answers: list[str] | None) -> nn.Module:
-        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
@@ -95,7 +92,7 @@ class Predictor:
             if vocab_file is None:
                 raise InputError(f"{path}: no answers.json in the checkpoint or its run directory")
             answers = AnswerVocab.load(vocab_file).answers
-        model = cls._build(cfg, answers)
+        model = cls.model_class(cfg.model, *([] if answers is None else [len(answers)]))
         load_weights(model, folder)
         return cls(model, tokenizer, cfg, answers, device)
 
@@ -148,10 +145,7 @@ class VQAPredictor(Predictor):
     """Answers questions about images with a fine-tuned VQA model."""
 
     task = "vqa"
-
-    @classmethod
-    def _build(cls, cfg: RunConfig, answers: list[str] | None) -> nn.Module:
-        return BEiT3ForVQA(cfg.model, len(answers))
+    model_class = BEiT3ForVQA
 
     @torch.no_grad()
     def answer(self, image: ImageLike | Sequence[ImageLike], question: str | Sequence[str],
@@ -171,10 +165,7 @@ class Captioner(Predictor):
     """Captions images with a fine-tuned captioning model (beam search, image encoded once)."""
 
     task = "caption"
-
-    @classmethod
-    def _build(cls, cfg: RunConfig, answers: list[str] | None) -> nn.Module:
-        return BEiT3ForCaptioning(cfg.model)
+    model_class = BEiT3ForCaptioning
 
     @torch.no_grad()
     def caption(self, images: ImageLike | Sequence[ImageLike], beam: int = 3, max_len: int | None = None) -> str | list[str]:
@@ -191,10 +182,7 @@ class NLVR2Predictor(Predictor):
     """Judges whether a sentence is true of a pair of images with a fine-tuned NLVR2 model."""
 
     task = "nlvr2"
-
-    @classmethod
-    def _build(cls, cfg: RunConfig, answers: list[str] | None) -> nn.Module:
-        return BEiT3ForNLVR2(cfg.model)
+    model_class = BEiT3ForNLVR2
 
     @torch.no_grad()
     def predict(self, left: ImageLike | Sequence[ImageLike], right: ImageLike | Sequence[ImageLike],
