@@ -106,7 +106,7 @@ class Predictor:
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if self.answers is not None:
-            (tmp / "answers.json").write_text(json.dumps(self.answers, indent=0))
+            AnswerVocab(self.answers).save(tmp / "answers.json")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

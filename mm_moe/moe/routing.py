@@ -29,9 +29,9 @@ class RouterOutput:
     aux_loss: Tensor  # f32 scalar; balance and z losses, already weighted by their coefficients
 
 
-def top1_counts(top1: Tensor, valid: Tensor, num_experts: int) -> Tensor:
-    """f32[E]: how many valid tokens have each expert as their first choice."""
-    return torch.zeros(num_experts, device=top1.device).index_add(0, top1, valid.float())
+def expert_counts(expert_idx: Tensor, valid: Tensor, num_experts: int) -> Tensor:
+    """f32[E]: how often valid tokens chose each expert in expert_idx Long[T, j] (j = 1: first choices)."""
+    return torch.bincount(expert_idx[valid].flatten(), minlength=num_experts).float()
 
 
 def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor, counts: Tensor | None = None) -> Tensor:
@@ -43,7 +43,7 @@ def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor, counts: Tensor | No
     num_experts = probs.shape[-1]
     n = valid.sum().clamp_min(1)
     if counts is None:
-        counts = top1_counts(top1, valid, num_experts)
+        counts = expert_counts(top1[:, None], valid, num_experts)
     f = (counts / counts.sum().clamp_min(1)).to(probs.dtype)  # [E]
     p = (probs * valid[:, None]).sum(0) / n  # [E]
     return num_experts * (f * p).sum()
@@ -133,13 +133,12 @@ class Router(nn.Module):
                 weights = weights / weights.sum(dim=-1, keepdim=True)  # gradient to the router (CartesianMoE code)
             aux = logits.new_zeros(())
             if self.training and self.bias_update_rate:
-                chosen = torch.zeros(self.num_experts, device=x.device).index_add(
-                    0, expert_idx[valid].flatten(), torch.ones(int(valid.sum()) * self.top_k, device=x.device))
+                chosen = expert_counts(expert_idx, valid, self.num_experts)
                 self.step_selections = chosen if self.step_selections is None else self.step_selections + chosen
             if self.balance_coef:
                 counts = None
                 if self.global_balance and self.training:  # top-1 counts of every rank and earlier micro-batch
-                    counts = _all_reduce_sum(top1_counts(expert_idx[:, 0], valid, self.num_experts))
+                    counts = _all_reduce_sum(expert_counts(expert_idx[:, :1], valid, self.num_experts))
                     if self.step_top1 is not None:
                         counts = counts + self.step_top1
                     self.step_top1 = counts

@@ -17,7 +17,6 @@ ACTIVE_SHARE = 0.1
 """An expert is activated when it is selected for more than this fraction of its uniform share k / E."""
 
 
-
 @dataclass
 class RoutingStats:
     """Counts over G routed groups of E experts (G = 2 for CartesianMoE's groups A and B, else 1)."""
