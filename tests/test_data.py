@@ -6,6 +6,7 @@ import codecs
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -163,6 +164,20 @@ def test_ranks_see_disjoint_shards_and_equal_batches(world, tok):
     assert keys[0] | keys[1] == {k for b in pretrain_loader(urls, tok, PretrainDataConfig(shuffle_buffer=4), model,
                                                             batch_size=4) for k in b["keys"]}
     assert resampled_keys[0] != resampled_keys[1]  # each rank draws its own stream
+
+
+def test_pretraining_batches_do_not_depend_on_where_the_shards_are(world, tok, tmp_path):
+    """Crops and masks come from (seed, shard file name, key): a copy of the shards elsewhere gives the same run."""
+    out, _ = world
+    copy = tmp_path / "elsewhere" / "shards"
+    shutil.copytree(out / "shards", copy)
+    model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
+    runs = [list(pretrain_loader([str(p) for p in sorted(d.glob("*.tar"))], tok, PretrainDataConfig(shuffle_buffer=4),
+                                 model, batch_size=4, seed=7)) for d in (out / "shards", copy)]
+    assert len(runs[0]) == len(runs[1]) > 1
+    for a, b in zip(*runs, strict=True):
+        for key in ("keys", "masked_ids", "mlm_labels", "patch_mask", "images"):
+            assert (a[key] == b[key]).all() if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
 def test_make_shards_cli_reports_unreadable_images(tmp_path, tok):

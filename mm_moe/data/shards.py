@@ -147,13 +147,14 @@ class PretrainSample:
         caption = sample.get("txt")
         if not isinstance(caption, str) or not caption.strip():
             raise SampleError("missing or empty caption (.txt)")
-        # randomness from (seed, url, key) alone: the same sample gets the same crop and masks however the
-        # stream was split over ranks and workers, and after a resume
-        rng = random.Random(seed_of(self.seed, sample.get("__url__"), key))
+        # randomness from (seed, shard file name, key) alone: the same sample gets the same crop and masks however
+        # the stream was split over ranks and workers, after a resume, and wherever the shards are (not the path)
+        shard = Path(str(sample.get("__url__", "?"))).name
+        rng = random.Random(seed_of(self.seed, shard, key))
         ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.max_text_len)["input_ids"]
         inputs, labels = mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
                                    vocab_size=len(self.tokenizer), rng=rng, prob=self.data.mlm_prob)
-        image = seeded(self.transform, image.convert("RGB"), self.seed, sample.get("__url__"), key)
+        image = seeded(self.transform, image.convert("RGB"), self.seed, shard, key)
         return {"key": key, "image": image, "text_ids": ids, "masked_ids": inputs, "mlm_labels": labels,
                 "patch_mask": self.masking(rng)}
 
