@@ -7,6 +7,7 @@ import torch
 from moe_reference import REFERENCES, dense_ffn
 
 from mm_moe.config import FFNConfig
+from mm_moe.engine import SavedForBackward
 from mm_moe.moe import build_ffn
 from mm_moe.moe.experts import GroupedExperts
 from mm_moe.moe.layers import DenseFFN
@@ -56,12 +57,13 @@ KINDS = {
 }
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("activation,bias,subln", [("gelu", True, True), ("swiglu", False, False)])
 @pytest.mark.parametrize("variant", list(KINDS))
-def test_layer_matches_reference_with_padding(variant, activation, bias, subln, dispatch):
+def test_layer_matches_reference_with_padding(variant, activation, bias, subln, dispatch, recompute):
     cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, activation=activation, bias=bias, subln=subln, dispatch=dispatch,
-                    **KINDS[variant])
+                    recompute=recompute, **KINDS[variant])
     x = torch.randn(2, 5, D)
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
@@ -135,12 +137,13 @@ def test_build_ffn_rejects_unknown_kind():
         build_ffn(FFNConfig(kind="moe"), D)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("d_hidden,bias", [(8, False), (48, False), (8, True)])
-def test_row_weights_scale_outputs_whichever_side_they_go(d_hidden, bias):
-    """grouped_ffn(..., row_weights) puts the scale before w2 when the hidden layer is narrower (and no b2):
-    output and every gradient must equal scaling the unweighted output."""
+def test_row_weights_scale_the_outputs(d_hidden, bias, recompute):
+    """grouped_ffn(..., row_weights) takes the weights' gradient from the hidden units (<gy W2^T, hidden>, plus the
+    output bias term): output and every gradient must equal scaling the unweighted output."""
     torch.manual_seed(0)
-    experts = GroupedExperts(3, 16, d_hidden, "swiglu", bias=bias)
+    experts = GroupedExperts(3, 16, d_hidden, "swiglu", bias=bias, recompute=recompute)
     xs, counts, w = torch.randn(10, 16), torch.tensor([4, 0, 6]), torch.rand(10)
     grad = torch.randn(10, 16)
     results = []
@@ -152,3 +155,31 @@ def test_row_weights_scale_outputs_whichever_side_they_go(d_hidden, bias):
         results.append([y, x.grad, wr.grad, *(p.grad.clone() for p in experts.parameters())])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+def test_saved_for_backward_counts_distinct_storages_without_parameters():
+    x, w = torch.randn(8, 4, requires_grad=True), torch.nn.Parameter(torch.randn(4, 6))
+    with SavedForBackward(exclude=[w]) as saved:
+        y = (x @ w).relu()  # mm saves x (32 floats) and w (excluded); relu saves its output (48 floats)
+        (y * y).sum()  # y saved twice more: the same storage, counted once
+    assert saved.bytes == (32 + 48) * 4
+
+
+@pytest.mark.parametrize("activation,bias,subln", [("gelu", True, True), ("swiglu", False, False)])
+def test_experts_save_only_their_input_and_first_projections(activation, bias, subln):
+    """Backward gathers the rows again and recomputes the elementwise work: what stays is x, the first projections
+    (h, and the SwiGLU gate), the row weights and the row indices, never a gathered copy or an activation."""
+    torch.manual_seed(0)
+    t, k, d_in, hidden, e = 10, 2, 16, 24, 4
+    experts = GroupedExperts(e, d_in, hidden, activation, bias=bias, subln=subln)
+    x, weights = torch.randn(t, d_in, requires_grad=True), torch.rand(t, k, requires_grad=True)
+    with SavedForBackward(exclude=experts.parameters()) as saved:
+        experts(x, torch.randint(0, e, (t, k)), weights)
+    n = t * k
+    projections = 2 if activation == "swiglu" else 1
+    indices = 3 if bias or subln else 2  # sort order and token of each row (+ its expert, for biases and sub-LN)
+    assert saved.bytes == 4 * (t * d_in + projections * n * hidden + n) + 8 * indices * n
+    experts.recompute = False  # autograd keeps the gathered rows and the elementwise intermediates too
+    with SavedForBackward(exclude=experts.parameters()) as kept:
+        experts(x, torch.randint(0, e, (t, k)), weights)
+    assert kept.bytes > saved.bytes + 4 * n * (d_in + hidden)

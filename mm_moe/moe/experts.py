@@ -67,13 +67,14 @@ class GroupedExperts(nn.Module):
         subln: bool = False,
         dispatch: DispatchMode = "auto",
         eps: float = 1e-5,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "swiglu"):
             raise ValueError(f"GroupedExperts: activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.num_experts, self.d_in, self.d_hidden = num_experts, d_in, d_hidden
         self.activation = activation
-        self.dispatch, self.eps = dispatch, eps
+        self.dispatch, self.eps, self.recompute = dispatch, eps, recompute
         self.w1 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_in))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden)) if activation == "swiglu" else None
@@ -93,54 +94,147 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_in={self.d_in}, d_hidden={self.d_hidden}, activation={self.activation}"
 
-    def _use_grouped_mm(self, x: Tensor) -> bool:
+    def _use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.dispatch != "auto":
             return self.dispatch == "grouped_mm"
-        return grouped_mm_applies(x.device, x.dtype, self.d_in, self.d_hidden)
+        return grouped_mm_applies(device, dtype, self.d_in, self.d_hidden)
 
-    @staticmethod
-    def _add_bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor) -> Tensor:
-        # index_select, not bias[rows]: its backward is one index_add, not a serial accumulating index_put
-        return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
+    def grouped_ffn(self, x: Tensor, counts: Tensor, row_weights: Tensor | None = None,
+                    rows: Tensor | None = None) -> Tensor:
+        """Rows grouped by expert (counts[e] rows for expert e, in order) -> [N, d_in]: the rows are x[N, d_in], or
+        x[rows] when `rows` (Long[N]) is given, gathered here and again in backward rather than saved.
 
-    def grouped_ffn(self, xs: Tensor, counts: Tensor, row_weights: Tensor | None = None) -> Tensor:
-        """Rows xs[N, d_in] already grouped by expert (counts[e] rows for expert e, in order) -> [N, d_in].
-
-        With row_weights[N], row i of the output is scaled by row_weights[i]; the scale goes on the hidden
-        units before w2 when they are fewer than d_in (same result: w2 is linear), so it costs less.
+        With row_weights[N], row i of the output is scaled by row_weights[i].
+        With `recompute`, backward keeps only the rows' first projections and recomputes the cheap elementwise work
+        (bias, activation, sub-LN) from them, as ScatterMoE / SonicMoE do (`_ExpertFFN`); without, autograd keeps
+        every intermediate (`_expert_ffn`).
         """
-        dtype = xs.dtype
-        offs = torch.cumsum(counts, 0).to(torch.int32) if self._use_grouped_mm(xs) else None
-        sizes = counts.tolist() if offs is None else None
-
-        def mm(a: Tensor, w: Tensor) -> Tensor:  # [N, i] x [E, i, o] -> [N, o], block by block
-            w = w.to(dtype)
-            if offs is not None:
-                return torch._grouped_mm(a, w, offs=offs)
-            return torch.cat([ai @ wi for ai, wi in zip(a.split(sizes), w.unbind(0), strict=True)])
-
+        dtype = compute_dtype(x)
+        mm = BlockMM(counts, self._use_grouped_mm(x.device, dtype))
+        n = x.shape[0] if rows is None else rows.shape[0]
         needs_rows = self.b1 is not None or self.norm_w is not None
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=xs.device), counts,
-                                                output_size=xs.shape[0]) if needs_rows else None  # [N]
-        h = self._add_bias(mm(xs, self.w1), self.b1, expert_of_row)  # [N, d_hidden]
-        gate = self._add_bias(mm(xs, self.w3), self.b3, expert_of_row) if self.w3 is not None else None
-        h = activate(h, gate)
-        if self.norm_w is not None:
-            h = F.layer_norm(h, (self.d_hidden,), eps=self.eps).to(dtype)  # CUDA autocast runs layer_norm in fp32
-            h = h * self.norm_w.to(dtype).index_select(0, expert_of_row)
-            h = self._add_bias(h, self.norm_b, expert_of_row)
-        scale = None if row_weights is None else row_weights.to(dtype)[:, None]
-        scale_hidden = scale is not None and self.b2 is None and self.d_hidden < self.d_in
-        if scale_hidden:
-            h = h * scale
-        y = self._add_bias(mm(h, self.w2), self.b2, expert_of_row)  # [N, d_in]
-        return y if scale is None or scale_hidden else y * scale
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
+                                                output_size=n) if needs_rows else None  # [N]
+        params = (self.w1, self.w3, self.w2, self.b1, self.b3, self.b2, self.norm_w, self.norm_b)
+        if self.recompute:
+            return _ExpertFFN.apply(x, rows, row_weights, expert_of_row, mm, self.eps, dtype, *params)
+        return _expert_ffn(x, rows, row_weights, expert_of_row, mm, self.eps, dtype, *params)
 
     def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         """x[T, d_in], expert_idx Long[T, k] (-1: skip), weights[T, k] -> sum_j weights[t, j] * expert_j(x[t])."""
         d = dispatch(expert_idx, self.num_experts)
-        xs = x.index_select(0, d.token).to(compute_dtype(x))  # [N, d_in]; backward is one index_add
-        return combine(self.grouped_ffn(xs, d.counts, d.row_weights(weights)), d, x.shape[0])
+        return combine(self.grouped_ffn(x, d.counts, d.row_weights(weights), rows=d.token), d, x.shape[0])
+
+
+class BlockMM:
+    """Products of rows grouped by expert (counts[e] rows for expert e) with stacked weights [E, i, o], block by
+    block: one torch._grouped_mm, or one mm per expert over `unbind` views; and the weights' gradient."""
+
+    def __init__(self, counts: Tensor, grouped: bool) -> None:
+        self.offs = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
+        self.sizes = None if grouped else counts.tolist()
+
+    def __call__(self, a: Tensor, w: Tensor) -> Tensor:
+        """a[N, i] x w[E, i, o] -> [N, o]."""
+        if self.offs is not None:
+            return torch._grouped_mm(a, w, offs=self.offs)
+        return torch.cat([ai @ wi for ai, wi in zip(a.split(self.sizes), w.unbind(0), strict=True)])
+
+    def weight_grad(self, a: Tensor, g: Tensor) -> Tensor:
+        """The gradient of w in g = self(a, w) for output gradient g[N, o]: [E, i, o], block e = a_e^T g_e."""
+        if self.offs is not None:
+            return torch._grouped_mm(a.t(), g, offs=self.offs)
+        return torch.stack([ai.t() @ gi for ai, gi in zip(a.split(self.sizes), g.split(self.sizes), strict=True)])
+
+
+def _bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> Tensor:
+    # index_select, not bias[rows]: its backward is one index_add, not a serial accumulating index_put
+    return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
+
+
+def _hidden(h: Tensor, gate: Tensor | None, e: Tensor | None, eps: float, b1: Tensor | None, b3: Tensor | None,
+            norm_w: Tensor | None, norm_b: Tensor | None) -> Tensor:
+    """The elementwise work between the two projections: biases, activation, per-expert sub-LN."""
+    dtype = h.dtype
+    a = activate(_bias(h, b1, e), None if gate is None else _bias(gate, b3, e))
+    if norm_w is not None:
+        a = F.layer_norm(a, a.shape[-1:], eps=eps).to(dtype)  # CUDA autocast runs layer_norm in fp32
+        a = _bias(a * norm_w.to(dtype).index_select(0, e), norm_b, e)
+    return a
+
+
+def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b) -> Tensor:
+    """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd."""
+    xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+    gate = mm(xs, w3.to(dtype)) if w3 is not None else None
+    y = _bias(mm(_hidden(mm(xs, w1.to(dtype)), gate, e, eps, b1, b3, norm_w, norm_b), w2.to(dtype)), b2, e)
+    return y if scale is None else y * scale.to(dtype)[:, None]
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """`_expert_ffn`, keeping for backward only x (the caller's, not a gathered copy), the row indices and weights,
+    and the first projections h = x W1 (and the SwiGLU gate x W3). Backward gathers the rows again and recomputes
+    the elementwise work from h; the row weight's gradient is <gy W2^T, hidden> (no [N, hidden] product is kept
+    or recomputed). Autograd keeps the gathered rows and every elementwise intermediate: 3-4 tensors of
+    [N, hidden] instead of one."""
+
+    @staticmethod
+    def forward(ctx, x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b):
+        xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+        h = mm(xs, w1.to(dtype))
+        gate = mm(xs, w3.to(dtype)) if w3 is not None else None
+        y = mm(_hidden(h, gate, e, eps, b1, b3, norm_w, norm_b), w2.to(dtype))
+        if b2 is not None:
+            y = _bias(y, b2, e)
+        if scale is not None:
+            y = y * scale.to(dtype)[:, None]
+        ctx.save_for_backward(x, rows, scale, e, h, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b)
+        ctx.mm, ctx.eps, ctx.dtype = mm, eps, dtype
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, rows, scale, e, h, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b = ctx.saved_tensors
+        mm, dtype, need = ctx.mm, ctx.dtype, ctx.needs_input_grad
+        gy = gy.to(dtype)
+        leaf = [None if t is None else t.detach().requires_grad_() for t in (h, gate, b1, b3, norm_w, norm_b, b2)]
+        s = None if scale is None else scale.detach().to(dtype)[:, None]
+        device, enabled, _ = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            a = _hidden(leaf[0], leaf[1], e, ctx.eps, *leaf[2:6])
+        u = mm(gy, w2.to(dtype).transpose(1, 2))  # the gradient of the hidden units, before the row weight
+        g_scale = None
+        if s is not None:
+            g_scale = torch.linalg.vecdot(u, a.detach())
+            if b2 is not None:
+                g_scale = g_scale + torch.linalg.vecdot(gy, b2.to(dtype).index_select(0, e))
+            gy, u = gy * s, u.mul_(s)
+        outs, out_grads = [a], [u]
+        if b2 is not None:
+            with torch.enable_grad():
+                outs.append(leaf[6].to(dtype).index_select(0, e))
+            out_grads.append(gy)
+        wanted = [t for t in leaf if t is not None]
+        got = dict(zip(map(id, wanted), torch.autograd.grad(outs, wanted, out_grads, allow_unused=True), strict=True))
+        g_h, g_gate, g_b1, g_b3, g_nw, g_nb, g_b2 = (None if t is None else got[id(t)] for t in leaf)
+        xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+        g_x = None
+        if need[0]:
+            g_xs = mm(g_h, w1.to(dtype).transpose(1, 2))
+            if gate is not None:
+                g_xs = g_xs + mm(g_gate, w3.to(dtype).transpose(1, 2))
+            g_x = (g_xs if rows is None else g_xs.new_zeros(x.shape).index_add_(0, rows, g_xs)).to(x.dtype)
+
+        def weight_grad(i: int, a: Tensor | None, g: Tensor | None, w: Tensor | None) -> Tensor | None:
+            return mm.weight_grad(a, g).to(w.dtype) if need[i] else None
+
+        def like(g: Tensor | None, t: Tensor | None) -> Tensor | None:
+            return None if g is None else g.to(t.dtype)
+
+        return (g_x, None, like(g_scale, scale), None, None, None, None, weight_grad(7, xs, g_h, w1),
+                weight_grad(8, xs, g_gate, w3), weight_grad(9, a.detach(), gy, w2), like(g_b1, b1), like(g_b3, b3),
+                like(g_b2, b2), like(g_nw, norm_w), like(g_nb, norm_b))
 
 
 class Dispatch(NamedTuple):
@@ -171,4 +265,19 @@ def combine(ys: Tensor, d: Dispatch, num_tokens: int, weights: Tensor | None = N
     weights[T, k] when given (else the rows are taken as already weighted)."""
     if weights is not None:
         ys = ys * d.row_weights(weights).to(ys.dtype)[:, None]
-    return ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, d.token, ys)
+    return _SumRows.apply(ys, d.token, num_tokens)
+
+
+class _SumRows(torch.autograd.Function):
+    """zeros[T, d].index_add_(0, index, rows), saving only the index: autograd's index_add also keeps the rows
+    (its formula reads their shape), a [N, d] copy per layer that backward never needs."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(index)
+        return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None

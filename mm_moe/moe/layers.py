@@ -67,7 +67,7 @@ class MoELayer(nn.Module):
 
 def _experts(cfg: FFNConfig, d_in: int, eps: float) -> GroupedExperts:
     return GroupedExperts(cfg.num_experts, d_in, cfg.hidden, cfg.activation, bias=cfg.bias, subln=cfg.subln,
-                          dispatch=cfg.dispatch, eps=eps)
+                          dispatch=cfg.dispatch, eps=eps, recompute=cfg.recompute)
 
 
 def _shared(cfg: FFNConfig, d_model: int, eps: float) -> DenseFFN | None:

@@ -26,7 +26,8 @@ class ExpertParallelExperts(GroupedExperts):
         if like.num_experts % world:
             raise ValueError(f"{like.num_experts} experts cannot be split evenly over {world} ranks")
         super().__init__(like.num_experts // world, like.d_in, like.d_hidden, like.activation, bias=like.b1 is not None,
-                         subln=like.norm_w is not None, dispatch=like.dispatch, eps=like.eps)
+                         subln=like.norm_w is not None, dispatch=like.dispatch, eps=like.eps,
+                         recompute=like.recompute)
         self.global_experts, self.group, self.world = like.num_experts, group, world
         self.first = dist.get_rank(group) * self.num_experts
         with torch.no_grad():
@@ -49,7 +50,7 @@ class ExpertParallelExperts(GroupedExperts):
         # received rows are grouped by source rank, then by my local expert: regroup by local expert
         expert_of_row = torch.repeat_interleave(torch.arange(e_local, device=x.device).repeat(self.world), recv.flatten())
         perm = torch.argsort(expert_of_row, stable=True)
-        ys = torch.empty_like(got).index_copy(0, perm, self.grouped_ffn(got[perm], recv.sum(0)))
+        ys = torch.empty_like(got).index_copy(0, perm, self.grouped_ffn(got, recv.sum(0), rows=perm))
         back = ys.new_empty(sum(send_sizes), ys.shape[1])
         back = dist_fn.all_to_all_single(back, ys, send_sizes, recv_sizes, group=self.group)
         return combine(back, d, x.shape[0], weights)
