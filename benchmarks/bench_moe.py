@@ -16,11 +16,16 @@ counts the page faults of the timed steps. (With --glibc-default every step faul
 --breakdown times every aten op of each step (forward and backward) and sums them by class, each as a
 fraction of the dense twin's whole step (the classes, plus the time between ops (Python, autograd), add up to
 the layer's step): the matmul column is the ratio a layer would have if nothing but its matmuls took time.
+"saved" is what one forward keeps for backward, counted exactly with torch.autograd.graph.saved_tensors_hooks
+(distinct storages, parameters excluded, the layer input included), the same on any machine; its ratio is to
+the twin's.
 
     python benchmarks/bench_moe.py                 # d=768, 4096 tokens, 32 experts, top-2/4/8
     python benchmarks/bench_moe.py --quick         # smaller and faster (used by `make demo`)
     python benchmarks/bench_moe.py --breakdown     # where each layer's time goes: matmuls, gather/scatter, activation, rest
     python benchmarks/bench_moe.py --device cuda   # on a GPU in bf16 (torch._grouped_mm on sm90+): `make bench-gpu`
+    python benchmarks/bench_moe.py --sweep --d 256 --dense-hidden 1024 --rounds 3 --plot docs/bench_moe_sweep.png
+                                                   # cost growth over experts x tokens (fine-grained, see `sweep`)
 On CUDA each step runs under bf16 autocast and is timed between device synchronisations, after at least
 three warm-up rounds (page faults mean nothing there).
 """
@@ -43,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
-from mm_moe.engine import keep_freed_memory
+from mm_moe.engine import SavedForBackward, keep_freed_memory
 from mm_moe.moe import Router, build_ffn, ffn_cost
 
 
@@ -120,8 +125,9 @@ class TorchscaleXMoE(nn.Module):
         return y
 
 
-def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tensor | None, peers: list[str]) -> tuple[dict, list]:
-    """Dense twins keyed by (hidden, activation), and the MoE layers measured against them."""
+def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tensor | None, peers: list[str],
+                    only: tuple[str, ...] | None = None) -> tuple[dict, list]:
+    """Dense twins keyed by (hidden, activation), and the MoE layers measured against them (`only`: these of ours)."""
     layers = {
         "smoe": FFNConfig(kind="smoe", hidden=dense_hidden // k, num_experts=experts, top_k=k, bias=False),
         "smoe-swiglu": FFNConfig(kind="smoe", hidden=dense_hidden // k, num_experts=experts, top_k=k,
@@ -135,6 +141,8 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
     twins: dict[str, nn.Module] = {}
     cands: list[Candidate] = []
     for name, cfg in layers.items():
+        if only is not None and name not in only:
+            continue
         cost = ffn_cost(cfg, d)
         n_mats = 3 if cfg.activation == "swiglu" else 2
         twin_hidden = cost.core_flops // (2 * n_mats * d)
@@ -187,6 +195,14 @@ class OpTimer(TorchDispatchMode):
         op_class = next((c for c, names in OP_CLASSES.items() if name in names), "other")
         self.seconds[op_class] += time.perf_counter() - t0
         return out
+
+
+def saved_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes the layer's forward saves for backward (distinct storages, its parameters excluded, x included)."""
+    with SavedForBackward(exclude=module.parameters()) as saved, \
+            torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+        module(x)
+    return saved.bytes
 
 
 def sync(device: torch.device) -> None:
@@ -259,6 +275,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                            max_load=c.max_load() if c.max_load else float("nan"), spread=(min(ratios), max(ratios)),
                            faults=sum(v["faults"] for v in got))
                 row |= {key: statistics.median(v[key] for v in got) for key in got[0] if key != "faults"}
+                row["saved_mb"] = saved_bytes(c.module, x) / 2**20
+                row["saved_ratio"] = row["saved_mb"] * 2**20 / saved_bytes(twins[c.twin], x)
                 rows.append(row)
             print_rows(rows[-len(cands):], header=not rows[:-len(cands)], breakdown=args.breakdown)
     return rows
@@ -284,16 +302,86 @@ def measure_pair(layer: nn.Module, twin: nn.Module, x: Tensor, grad: Tensor, lay
 def print_rows(rows: list[dict], header: bool, breakdown: bool = False) -> None:
     parts = [*OP_CLASSES, "other", "between ops"]
     if header:
-        cols = ["layer", "top-k", "routing", "max expert load", "layer ms", "dense twin", "twin ms", "ratio", "ratio min-max"]
+        cols = ["layer", "top-k", "routing", "max expert load", "layer ms", "dense twin", "twin ms", "ratio", "ratio min-max",
+                "saved MB", "saved ratio"]
         cols += [*parts, "twin's matmul"] if breakdown else ["page faults"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
     for r in rows:
         load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
         cells = [r["layer"], r["k"], r["routing"], load, f"{r['moe_ms']:.1f}", r["twin"], f"{r['dense_ms']:.1f}",
-                 f"{r['ratio']:.2f}x", f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}"]
+                 f"{r['ratio']:.2f}x", f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}", f"{r['saved_mb']:.0f}",
+                 f"{r['saved_ratio']:.2f}x"]
         cells += [*(f"{r[f'part {c}']:.2f}" for c in parts), f"{r['twin matmul']:.2f}"] if breakdown else [r["faults"]]
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+SWEEP_EXPERTS, SWEEP_TOKENS, SWEEP_LAYERS = (8, 32, 128, 256), (1024, 4096, 16384), ("smoe", "mhmoe h=4")
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Cost growth with experts and tokens, fine-grained (DeepSeekMoE): E experts of dense_hidden * 4 / E units,
+    top-E/4, so total expert parameters (4x the twin's) and active FLOPs (the twin's) stay fixed while experts
+    shrink; balanced routing. Time and saved-bytes ratios to the dense twin, ours and HF's Mixtral block."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    rows = []
+    print("| layer | experts | top-k | expert hidden | tokens | layer ms | twin ms | time ratio | saved ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for experts in args.sweep_experts:
+        k = max(1, experts // 4)
+        twins, cands = make_candidates(args.d, experts, k, args.dense_hidden, None,
+                                       [p for p in args.peers if p != "torchscale"], only=SWEEP_LAYERS)
+        for m in [*twins.values(), *(c.module for c in cands)]:
+            m.to(device)
+        for tokens in args.sweep_tokens:
+            x = torch.randn(1, tokens, args.d, device=device, requires_grad=True)
+            grad = torch.randn(1, tokens, args.d, device=device)
+            warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
+            samples: dict[str, list[dict]] = {c.name: [] for c in cands}
+            for r in range(args.rounds):
+                for c in cands:
+                    samples[c.name].append(measure_pair(c.module, twins[c.twin], x, grad, layer_first=r % 2 == 1,
+                                                        breakdown=False))
+            for c in cands:
+                got = samples[c.name]
+                hidden = getattr(getattr(c.module, "experts", None), "d_hidden", args.dense_hidden // k)
+                row = dict(layer=c.name, experts=experts, k=k, hidden=hidden, tokens=tokens,
+                           moe_ms=statistics.median(v["moe_ms"] for v in got),
+                           dense_ms=statistics.median(v["dense_ms"] for v in got),
+                           ratio=statistics.median(v["ratio"] for v in got),
+                           saved_ratio=saved_bytes(c.module, x) / saved_bytes(twins[c.twin], x))
+                rows.append(row)
+                print(f"| {c.name} | {experts} | {k} | {hidden} | {tokens} | {row['moe_ms']:.1f} | {row['dense_ms']:.1f} | "
+                      f"{row['ratio']:.2f}x | {row['saved_ratio']:.2f}x |", flush=True)
+    if args.plot:
+        plot_sweep(rows, args.plot)
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    """Time and saved-bytes ratios against the number of experts, a line per (layer, tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (key, title), ax in zip((("ratio", "time / dense twin"), ("saved_ratio", "saved for backward / dense twin")),
+                                axes, strict=True):
+        for color, layer in enumerate(dict.fromkeys(r["layer"] for r in rows)):
+            for style, tokens in zip(("-", "--", ":", "-."), dict.fromkeys(r["tokens"] for r in rows), strict=False):
+                pts = [r for r in rows if r["layer"] == layer and r["tokens"] == tokens]
+                ax.plot([r["experts"] for r in pts], [r[key] for r in pts], f"C{color}{style}", marker="o",
+                        label=f"{layer}, {tokens} tokens")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts E (top-E/4, E x hidden fixed)")
+        ax.set_title(title)
+        ax.axhline(1.0, color="gray", lw=0.5)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"# plot: {path}")
 
 
 def where(device: str) -> str:
@@ -322,6 +410,10 @@ def main() -> None:
                    help="time every op and split each layer's step into matmul, gather/scatter, activation and the rest")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
+    p.add_argument("--sweep", action="store_true", help="cost growth with experts and tokens (SMoE, MH-MoE h=4, HF)")
+    p.add_argument("--sweep-experts", type=int, nargs="+", default=list(SWEEP_EXPERTS))
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=list(SWEEP_TOKENS))
+    p.add_argument("--plot", default=None, help="with --sweep: write the ratios as a PNG here")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.topk, args.rounds = 1024, [2, 4], 3
@@ -329,9 +421,10 @@ def main() -> None:
     if allocator == "glibc default":
         args.max_warmup = 1
     what = "; op time by class as a fraction of the twin's step" if args.breakdown else ""
-    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, tokens={args.tokens}, "
-          f"experts={args.experts}, {where(args.device)}, torch {torch.__version__}, {allocator}")
-    run(args)
+    shape = "sweep over experts and tokens" if args.sweep else f"tokens={args.tokens}, experts={args.experts}"
+    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, {shape}, "
+          f"{where(args.device)}, torch {torch.__version__}, {allocator}")
+    sweep(args) if args.sweep else run(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ MoE FFNs go in every other layer; each MoE config is matched to the dense FFN (i
 SMoE / X-MoE 8 experts of F, top-1; MH-MoE (mhmoe_matched) h=4, top-2; CartesianMoE 2 groups of 8 sub-experts
 of F/4 + 1 shared of F/4, top-1 (all GELU, so the FLOPs really match). A step is the full masked multimodal
 pretraining step (MLM, MIM and VLM passes, backward, AdamW). Models are timed interleaved, round after round,
-in one run; ratios are to the dense model. On a GPU the table adds model FLOPs utilisation (bf16 peak).
+in one run; ratios are to the dense model. "saved for backward" is what the step's forward passes keep for
+backward (counted exactly with saved_tensors_hooks, parameters excluded): the step's activation memory. On a
+GPU the table adds model FLOPs utilisation (bf16 peak).
 
     python benchmarks/bench_train.py                    # tiny and base on CPU
     python benchmarks/bench_train.py --sizes base --batch 64 --rounds 10   # on a GPU
@@ -22,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
 from mm_moe.constants import IGNORE_INDEX
-from mm_moe.engine import init_distributed, pretrain_loss
+from mm_moe.engine import SavedForBackward, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
 from mm_moe.moe import mhmoe_matched
 
@@ -70,6 +72,14 @@ def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool) ->
     return time.perf_counter() - t0
 
 
+def saved_bytes(model, loss_fn, b: dict, amp: bool) -> int:
+    """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded."""
+    with SavedForBackward(exclude=model.parameters()) as saved, \
+            torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        loss_fn(model, b)
+    return saved.bytes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
@@ -82,8 +92,8 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)
     print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, {device}, "
           f"{'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}")
-    print("| size | model | params | samples/s | vs dense |" + (" MFU |" if peak else ""))
-    print("|---|---|---|---|---|" + ("---|" if peak else ""))
+    print("| size | model | params | samples/s | vs dense | saved for backward | vs dense |" + (" MFU |" if peak else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if peak else ""))
     for i, size in enumerate(args.sizes):
         base = load_config(BEiT3Config, f"configs/model/{size}.yaml", ["moe=null", "moe_layers=none"])
         n = args.batch[i] if args.batch else {"tiny": 32}.get(size, 4)
@@ -104,10 +114,13 @@ def main() -> None:
             for name in order:
                 times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
         dense_t = statistics.median(times["dense"])
+        dense_saved = saved_bytes(runs["dense"][0], loss_fn, b, amp)
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            row = f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x |"
+            saved = saved_bytes(model, loss_fn, b, amp)
+            row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved / 2**20:.0f} MB | "
+                   f"{saved / dense_saved:.2f}x |")
             if peak:
                 counter = FlopCounterMode(display=False)
                 with counter, torch.autocast(device.type, dtype=torch.bfloat16):

@@ -37,9 +37,11 @@ def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
               "torchscale X-MoE"]
     for routing in ("balanced", "skewed"):
         for layer in layers:
-            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\S+)x \| [\d.-]+ \| \d+ \|$", out, re.M)
+            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| (\S+)x \| \d+ \|$",
+                            out, re.M)
             assert row, f"{layer} {routing}:\n{out}"
-            assert math.isfinite(float(row.group(1))) and float(row.group(1)) > 0, row.group(0)
+            for ratio in (float(row.group(1)), float(row.group(2))):  # time, and bytes saved for backward
+                assert math.isfinite(ratio) and ratio > 0, row.group(0)
 
 
 def test_bench_moe_breakdown_mode_and_glibc_default():
@@ -47,7 +49,8 @@ def test_bench_moe_breakdown_mode_and_glibc_default():
     assert "glibc default" in out.splitlines()[0]
     assert "| matmul | gather/scatter | activation | other | between ops | twin's matmul |" in out
     for layer in ("smoe", "smoe-swiglu", "xmoe", "mhmoe h=2", "mhmoe h=4", "cartesian"):  # six fractions a row
-        row = re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| (\S+)x \| [\d.-]+((?: \| \S+){{6}}) \|$", out, re.M)
+        row = re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| \S+x((?: \| \S+){{6}}) \|$",
+                        out, re.M)
         assert row, f"{layer}:\n{out}"
         ratio, fractions = float(row.group(1)), [float(f) for f in row.group(2).split(" | ")[1:]]
         assert math.isfinite(ratio) and ratio > 0, row.group(0)
@@ -102,3 +105,19 @@ def test_warm_up_runs_until_no_step_page_faults(bench):
     rounds, worst = bench.warm_up([(quiet, faulting)], x, grad, max_rounds=3)
     assert rounds == 3 and worst >= 4 * bench.STEADY_FAULTS
     assert bench.fwd_bwd(faulting, x, grad)[1] >= 4 * bench.STEADY_FAULTS
+
+
+def test_bench_moe_sweep_keeps_active_flops_and_expert_parameters(tmp_path):
+    """--sweep: a row per layer, expert count and token count, top-E/4 over E experts of 4 x dense_hidden / E units."""
+    plot = tmp_path / "sweep.png"
+    out = bench_moe("--sweep", "--sweep-experts", "4", "8", "--sweep-tokens", "64", "128", "--max-warmup", "1",
+                    "--peers", "grouped_mm", "--plot", str(plot))
+    layer = r"smoe|mhmoe h=4|HF Mixtral grouped_mm"
+    rows = re.findall(rf"^\| ({layer}) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|.* \| (\S+)x \| (\S+)x \|$", out, re.M)
+    assert len(rows) == 3 * 2 * 2, out
+    for layer, experts, k, hidden, _, ratio, saved in rows:
+        assert int(k) == int(experts) // 4, out
+        if layer != "mhmoe h=4":  # E * hidden = 4 x the twin's 256 units, k * hidden = the twin's
+            assert int(experts) * int(hidden) == 4 * 256 and int(k) * int(hidden) == 256, out
+        assert float(ratio) > 0 and float(saved) > 0
+    assert plot.stat().st_size > 10_000
