@@ -153,21 +153,30 @@ def _bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> Tenso
 
 
 def _hidden(h: Tensor, gate: Tensor | None, e: Tensor | None, eps: float, b1: Tensor | None, b3: Tensor | None,
-            norm_w: Tensor | None, norm_b: Tensor | None) -> Tensor:
-    """The elementwise work between the two projections: biases, activation, per-expert sub-LN."""
+            subln: bool, norm_w: Tensor | None = None, norm_b: Tensor | None = None) -> Tensor:
+    """The elementwise work between the two projections: biases, activation, sub-LN (with its per-expert affine
+    when norm_w / norm_b are given)."""
     dtype = h.dtype
     a = activate(_bias(h, b1, e), None if gate is None else _bias(gate, b3, e))
-    if norm_w is not None:
+    if subln:
         a = F.layer_norm(a, a.shape[-1:], eps=eps).to(dtype)  # CUDA autocast runs layer_norm in fp32
+    if norm_w is not None:
         a = _bias(a * norm_w.to(dtype).index_select(0, e), norm_b, e)
     return a
 
 
 def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b) -> Tensor:
-    """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd."""
+    """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd.
+    The sub-LN's per-expert affine is folded into W2 and the output bias (exact: W2 is linear), so no [N, hidden]
+    copy of it is gathered, multiplied and kept: (n * w + b) W2 = n (w * W2) + b W2."""
     xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
     gate = mm(xs, w3.to(dtype)) if w3 is not None else None
-    y = _bias(mm(_hidden(mm(xs, w1.to(dtype)), gate, e, eps, b1, b3, norm_w, norm_b), w2.to(dtype)), b2, e)
+    a = _hidden(mm(xs, w1.to(dtype)), gate, e, eps, b1, b3, subln=norm_w is not None)
+    if norm_w is not None:
+        folded_bias = torch.einsum("eh,ehd->ed", norm_b, w2)
+        b2 = folded_bias if b2 is None else b2 + folded_bias
+        w2 = norm_w[:, :, None] * w2
+    y = _bias(mm(a, w2.to(dtype)), b2, e)
     return y if scale is None else y * scale.to(dtype)[:, None]
 
 
@@ -183,7 +192,7 @@ class _ExpertFFN(torch.autograd.Function):
         xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
         h = mm(xs, w1.to(dtype))
         gate = mm(xs, w3.to(dtype)) if w3 is not None else None
-        y = mm(_hidden(h, gate, e, eps, b1, b3, norm_w, norm_b), w2.to(dtype))
+        y = mm(_hidden(h, gate, e, eps, b1, b3, norm_w is not None, norm_w, norm_b), w2.to(dtype))
         if b2 is not None:
             y = _bias(y, b2, e)
         if scale is not None:
@@ -202,7 +211,7 @@ class _ExpertFFN(torch.autograd.Function):
         s = None if scale is None else scale.detach().to(dtype)[:, None]
         device, enabled, _ = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            a = _hidden(leaf[0], leaf[1], e, ctx.eps, *leaf[2:6])
+            a = _hidden(leaf[0], leaf[1], e, ctx.eps, leaf[2], leaf[3], norm_w is not None, leaf[4], leaf[5])
         u = mm(gy, w2.to(dtype).transpose(1, 2))  # the gradient of the hidden units, before the row weight
         g_scale = None
         if s is not None:
