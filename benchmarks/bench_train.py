@@ -9,6 +9,7 @@ backward (counted exactly with saved_tensors_hooks, parameters excluded): the st
 GPU the table adds model FLOPs utilisation (bf16 peak).
 
     python benchmarks/bench_train.py                    # tiny and base on CPU
+    python benchmarks/bench_train.py --sizes base --depth 4 --batch 4   # base width, 4 layers (a CPU run)
     python benchmarks/bench_train.py --sizes base --batch 64 --rounds 10   # on a GPU
 """
 
@@ -85,17 +86,20 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
     p.add_argument("--batch", type=int, nargs="+", default=None, help="per size (default: tiny 32, base 4)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--depth", type=int, default=None, help="layers (default: the size's); base on a CPU: 4")
     args = p.parse_args()
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
     loss_fn = pretrain_loss(ObjectivesConfig())
     peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)
-    print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, {device}, "
+    print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, depth "
+          f"{args.depth or 'of the size'}, {device}, "
           f"{'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}")
     print("| size | model | params | samples/s | vs dense | saved for backward | vs dense |" + (" MFU |" if peak else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if peak else ""))
     for i, size in enumerate(args.sizes):
-        base = load_config(BEiT3Config, f"configs/model/{size}.yaml", ["moe=null", "moe_layers=none"])
+        depth = [f"depth={args.depth}"] if args.depth else []
+        base = load_config(BEiT3Config, f"configs/model/{size}.yaml", ["moe=null", "moe_layers=none", *depth])
         n = args.batch[i] if args.batch else {"tiny": 32}.get(size, 4)
         b = batch(base, n, device)
         runs = {}

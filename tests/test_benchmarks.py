@@ -121,3 +121,15 @@ def test_bench_moe_sweep_keeps_active_flops_and_expert_parameters(tmp_path):
             assert int(experts) * int(hidden) == 4 * 256 and int(k) * int(hidden) == 256, out
         assert float(ratio) > 0 and float(saved) > 0
     assert plot.stat().st_size > 10_000
+
+
+def test_bench_train_reports_throughput_and_saved_bytes_for_every_variant():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--sizes", "tiny", "--depth", "2", "--batch", "4",
+           "--rounds", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for variant in ("dense", "smoe", "xmoe", "mhmoe", "cartesian"):
+        row = re.search(rf"^\| tiny \| {variant} \| [\d.]+M \| ([\d.]+) \| ([\d.]+)x \| (\d+) MB \| ([\d.]+)x \|$", out, re.M)
+        assert row, f"{variant}:\n{out}"
+        assert float(row.group(1)) > 0 and float(row.group(4)) > 0
+        if variant == "dense":
+            assert row.group(2) == row.group(4) == "1.00"
