@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     world = out / "world"
     sizes = dict(n_train=400, n_val=100, n_test=50, n_pairs_train=600, n_pairs_dev=150) if args.quick else \
         dict(n_train=2000, n_val=300, n_test=100, n_pairs_train=2000, n_pairs_dev=300)
-    steps = {"pretrain": 60, "vqa": 150, "nlvr2": 300, "caption": 100} if args.quick else \
+    steps = {"pretrain": 60, "vqa": 150, "nlvr2": 150, "caption": 100} if args.quick else \
         {"pretrain": 250, "vqa": 400, "nlvr2": 300, "caption": 250}
     t0 = time.perf_counter()
     if not (world / "summary.json").is_file():
