@@ -165,19 +165,30 @@ def _hidden(h: Tensor, gate: Tensor | None, e: Tensor | None, eps: float, b1: Te
     return a
 
 
+def _gather(x: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The expert input rows: x, or x[rows], in the compute dtype."""
+    return (x if rows is None else x.index_select(0, rows)).to(dtype)
+
+
+def _project_out(mm: BlockMM, a: Tensor, w2: Tensor, b2: Tensor | None, e: Tensor | None, scale: Tensor | None,
+                 dtype: torch.dtype) -> Tensor:
+    """(a W2 + b2[expert]) * row weight."""
+    y = _bias(mm(a, w2.to(dtype)), b2, e)
+    return y if scale is None else y * scale.to(dtype)[:, None]
+
+
 def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b) -> Tensor:
     """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd.
     The sub-LN's per-expert affine is folded into W2 and the output bias (exact: W2 is linear), so no [N, hidden]
     copy of it is gathered, multiplied and kept: (n * w + b) W2 = n (w * W2) + b W2."""
-    xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+    xs = _gather(x, rows, dtype)
     gate = mm(xs, w3.to(dtype)) if w3 is not None else None
     a = _hidden(mm(xs, w1.to(dtype)), gate, e, eps, b1, b3, subln=norm_w is not None)
     if norm_w is not None:
         folded_bias = torch.einsum("eh,ehd->ed", norm_b, w2)
         b2 = folded_bias if b2 is None else b2 + folded_bias
         w2 = norm_w[:, :, None] * w2
-    y = _bias(mm(a, w2.to(dtype)), b2, e)
-    return y if scale is None else y * scale.to(dtype)[:, None]
+    return _project_out(mm, a, w2, b2, e, scale, dtype)
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -189,14 +200,11 @@ class _ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b):
-        xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+        xs = _gather(x, rows, dtype)
         h = mm(xs, w1.to(dtype))
         gate = mm(xs, w3.to(dtype)) if w3 is not None else None
-        y = mm(_hidden(h, gate, e, eps, b1, b3, norm_w is not None, norm_w, norm_b), w2.to(dtype))
-        if b2 is not None:
-            y = _bias(y, b2, e)
-        if scale is not None:
-            y = y * scale.to(dtype)[:, None]
+        y = _project_out(mm, _hidden(h, gate, e, eps, b1, b3, norm_w is not None, norm_w, norm_b), w2, b2, e, scale,
+                         dtype)
         ctx.save_for_backward(x, rows, scale, e, h, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b)
         ctx.mm, ctx.eps, ctx.dtype = mm, eps, dtype
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), dtype)
@@ -227,7 +235,7 @@ class _ExpertFFN(torch.autograd.Function):
         wanted = [t for t in leaf if t is not None]
         got = dict(zip(map(id, wanted), torch.autograd.grad(outs, wanted, out_grads, allow_unused=True), strict=True))
         g_h, g_gate, g_b1, g_b3, g_nw, g_nb, g_b2 = (None if t is None else got[id(t)] for t in leaf)
-        xs = (x if rows is None else x.index_select(0, rows)).to(dtype)
+        xs = _gather(x, rows, dtype)
         g_x = None
         if need[0]:
             g_xs = mm(g_h, w1.to(dtype).transpose(1, 2))
