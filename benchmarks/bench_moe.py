@@ -261,13 +261,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             grad = torch.randn(1, tokens, d, device=device)
             warm, worst = warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
             print(f"# top-{k} {routing}: {warm} warm-up rounds, the most page faults of one step in the last: {worst}")
-            samples: dict[str, list[dict]] = {c.name: [] for c in cands}
-            for r in range(args.rounds):
-                order = list(cands)
-                random.shuffle(order)
-                for c in order:  # each layer next to its twin, alternating who goes first
-                    samples[c.name].append(measure_pair(c.module, twins[c.twin], x, grad, layer_first=r % 2 == 1,
-                                                        breakdown=args.breakdown))
+            samples = timed_rounds(cands, twins, x, grad, args.rounds, args.breakdown)
+            twin_saved = {name: saved_bytes(twin, x) for name, twin in twins.items()}
             for c in cands:
                 got = samples[c.name]
                 ratios = [v["ratio"] for v in got]
@@ -275,11 +270,25 @@ def run(args: argparse.Namespace) -> list[dict]:
                            max_load=c.max_load() if c.max_load else float("nan"), spread=(min(ratios), max(ratios)),
                            faults=sum(v["faults"] for v in got))
                 row |= {key: statistics.median(v[key] for v in got) for key in got[0] if key != "faults"}
-                row["saved_mb"] = saved_bytes(c.module, x) / 2**20
-                row["saved_ratio"] = row["saved_mb"] * 2**20 / saved_bytes(twins[c.twin], x)
+                saved = saved_bytes(c.module, x)
+                row |= dict(saved_mb=saved / 2**20, saved_ratio=saved / twin_saved[c.twin])
                 rows.append(row)
             print_rows(rows[-len(cands):], header=not rows[:-len(cands)], breakdown=args.breakdown)
     return rows
+
+
+def timed_rounds(cands: list[Candidate], twins: dict[str, nn.Module], x: Tensor, grad: Tensor, rounds: int,
+                 breakdown: bool = False) -> dict[str, list[dict]]:
+    """`measure_pair` samples of every layer, round after round in a shuffled order, each layer next to its twin,
+    alternating who goes first."""
+    samples: dict[str, list[dict]] = {c.name: [] for c in cands}
+    for r in range(rounds):
+        order = list(cands)
+        random.shuffle(order)
+        for c in order:
+            samples[c.name].append(measure_pair(c.module, twins[c.twin], x, grad, layer_first=r % 2 == 1,
+                                                breakdown=breakdown))
+    return samples
 
 
 def measure_pair(layer: nn.Module, twin: nn.Module, x: Tensor, grad: Tensor, layer_first: bool, breakdown: bool) -> dict:
@@ -338,11 +347,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             x = torch.randn(1, tokens, args.d, device=device, requires_grad=True)
             grad = torch.randn(1, tokens, args.d, device=device)
             warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
-            samples: dict[str, list[dict]] = {c.name: [] for c in cands}
-            for r in range(args.rounds):
-                for c in cands:
-                    samples[c.name].append(measure_pair(c.module, twins[c.twin], x, grad, layer_first=r % 2 == 1,
-                                                        breakdown=False))
+            samples = timed_rounds(cands, twins, x, grad, args.rounds)
+            twin_saved = {name: saved_bytes(twin, x) for name, twin in twins.items()}
             for c in cands:
                 got = samples[c.name]
                 hidden = getattr(getattr(c.module, "experts", None), "d_hidden", args.dense_hidden // k)
@@ -350,7 +356,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                            moe_ms=statistics.median(v["moe_ms"] for v in got),
                            dense_ms=statistics.median(v["dense_ms"] for v in got),
                            ratio=statistics.median(v["ratio"] for v in got),
-                           saved_ratio=saved_bytes(c.module, x) / saved_bytes(twins[c.twin], x))
+                           saved_ratio=saved_bytes(c.module, x) / twin_saved[c.twin])
                 rows.append(row)
                 print(f"| {c.name} | {experts} | {k} | {hidden} | {tokens} | {row['moe_ms']:.1f} | {row['dense_ms']:.1f} | "
                       f"{row['ratio']:.2f}x | {row['saved_ratio']:.2f}x |", flush=True)

@@ -118,13 +118,12 @@ def main() -> None:
             for name in order:
                 times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
         dense_t = statistics.median(times["dense"])
-        dense_saved = saved_bytes(runs["dense"][0], loss_fn, b, amp)
+        saved = {name: saved_bytes(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            saved = saved_bytes(model, loss_fn, b, amp)
-            row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved / 2**20:.0f} MB | "
-                   f"{saved / dense_saved:.2f}x |")
+            row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved[name] / 2**20:.0f} MB | "
+                   f"{saved[name] / saved['dense']:.2f}x |")
             if peak:
                 counter = FlopCounterMode(display=False)
                 with counter, torch.autocast(device.type, dtype=torch.bfloat16):
