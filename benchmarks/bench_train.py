@@ -1,8 +1,8 @@
-"""Pretraining step throughput of dense / SMoE / X-MoE / MH-MoE / CartesianMoE BEiT-3 models at equal active FLOPs.
+"""Pretraining step throughput of the dense and six MoE BEiT-3 models at equal active FLOPs.
 
-MoE FFNs go in every other layer; each MoE config is matched to the dense FFN (inner size F) in active FLOPs:
-SMoE / X-MoE 8 experts of F, top-1; MH-MoE (mhmoe_matched) h=4, top-2; CartesianMoE 2 groups of 8 sub-experts
-of F/4 + 1 shared of F/4, top-1 (all GELU, so the FLOPs really match). A step is the full masked multimodal
+MoE FFNs go in every other layer; the configs are `mm_moe.moe.matched_variants` of the dense FFN (inner size F):
+SMoE / X-MoE 8 experts of F, top-1; SMoE-Share, Fine-grained and CartesianMoE with equal core parameters;
+MH-MoE (mhmoe_matched) h=4, top-2 (all GELU, so the FLOPs really match). A step is the full masked multimodal
 pretraining step (MLM, MIM and VLM passes, backward, AdamW). Models are timed interleaved, round after round,
 in one run; ratios are to the dense model. "saved for backward" is what the step's forward passes keep for
 backward (counted exactly with saved_tensors_hooks, parameters excluded): the step's activation memory. On a
@@ -23,26 +23,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
+from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
 from mm_moe.constants import IGNORE_INDEX
 from mm_moe.engine import SavedForBackward, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
-from mm_moe.moe import mhmoe_matched
+from mm_moe.moe import matched_variants
 
+VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
-
-
-def variants(cfg: BEiT3Config) -> dict[str, FFNConfig | None]:
-    d, f = cfg.d_model, cfg.ffn.hidden
-    mh = mhmoe_matched(d, f, num_experts=8, top_k=1, heads=4, mh_top_k=2, activation="gelu", subln=True)
-    return {
-        "dense": None,
-        "smoe": FFNConfig(kind="smoe", hidden=f, num_experts=8, top_k=1, subln=True),
-        "xmoe": FFNConfig(kind="xmoe", hidden=f, num_experts=8, top_k=1, subln=True),
-        "mhmoe": mh["mhmoe"],
-        "cartesian": FFNConfig(kind="cartesian", hidden=f // 4, num_experts=8, top_k=1, num_shared_experts=1,
-                               renormalize=True, subln=True),
-    }
 
 
 def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
@@ -87,6 +75,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="per size (default: tiny 32, base 4)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--depth", type=int, default=None, help="layers (default: the size's); base on a CPU: 4")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = p.parse_args()
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
@@ -103,7 +92,9 @@ def main() -> None:
         n = args.batch[i] if args.batch else {"tiny": 32}.get(size, 4)
         b = batch(base, n, device)
         runs = {}
-        for name, moe in variants(base).items():
+        for name, moe in matched_variants(base.d_model, base.ffn.hidden, subln=True).items():
+            if name not in args.variants and name != "dense":
+                continue
             torch.manual_seed(0)
             cfg = BEiT3Config(**{**base.__dict__, "moe": moe, "moe_layers": "every_other" if moe else "none"})
             model = BEiT3ForPretraining(cfg).to(device)

@@ -1,11 +1,19 @@
-"""Dense vs SMoE vs X-MoE vs MH-MoE vs CartesianMoE tiny BEiT-3 models, matched in active FLOPs, trained the same
-way on the synthetic world (same steps, seeds and data): masked-LM loss, VQA accuracy, activation ratio, step time.
+"""Dense and six MoE variants of the tiny BEiT-3, matched in active FLOPs, trained the same way over several seeds.
 
-    python benchmarks/compare_variants.py --world data/synthetic --out runs/compare   # writes compare.md
+    python benchmarks/compare_variants.py --seeds 3 --jobs 2 --out runs/compare   # writes compare.md, compare.json
 
-Each variant: pretraining (MLM + MIM + VLM) for --pretrain-steps, then VQA fine-tuning for --vqa-steps.
-The FFN configs are benchmarks/bench_train.py's (MoE in every other layer, equal active FLOPs to the dense FFN).
-The masked-LM loss is the VLM loss of the pretrained model on held-out shards (the val/test images).
+The variants are `mm_moe.moe.matched_variants` of the tiny model's dense FFN (MoE in every other layer): SMoE,
+X-MoE, SMoE-Share, Fine-grained and CartesianMoE with equal core parameters, MH-MoE with its expert count
+rounded; all at the dense FFN's active FLOPs. Each (variant, seed) run: pretraining (MLM + MIM + VLM) on the
+synthetic world, then from that checkpoint fine-tuning on the world's VQA and NLVR2 and on easy-VQA (real
+packaged images, its test split scored with the official VQA metric). Reported, mean and standard deviation over
+seeds: the masked-LM loss on held-out images (val/test, unseen in pretraining), the three fine-tuning scores, the
+activation ratio (`mm_moe.moe.activation_ratio`: experts selected for more than 0.1 x the uniform share k/E of
+tokens), the CartesianMoE paper's robustness figure (perplexity with every token's top-1 expert disabled over
+normal perplexity) and pretraining tokens/s. The world's VQA is validated four times during fine-tuning, so
+compare.json shows whether the budget is long enough for the dense model's accuracy to have stopped rising.
+Runs go `--jobs` at a time with the cores split between them (tokens/s are then per process and noisy;
+`bench_train.py` has interleaved throughput ratios); finished runs are kept and skipped when rerun.
 """
 
 from __future__ import annotations
@@ -13,27 +21,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import webdataset as wds
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_train import variants
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import train_mm
 from mm_moe.analysis import analyze
-from mm_moe.config import BEiT3Config, load_config
+from mm_moe.config import BEiT3Config, FFNConfig, load_config
 from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
 from mm_moe.engine import read_metrics
 from mm_moe.inference import load_pretraining_model
+from mm_moe.moe import ffn_cost, matched_variants
+
+VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
+EASYVQA = {"data.vqa_train_questions": "v2_OpenEnded_mscoco_train2014_questions.json",
+           "data.vqa_train_annotations": "v2_mscoco_train2014_annotations.json",
+           "data.vqa_val_questions": "v2_OpenEnded_mscoco_val2014_questions.json",
+           "data.vqa_val_annotations": "v2_mscoco_val2014_annotations.json", "data.vqa_images": "images"}
+COLUMNS = [("mlm_loss", "held-out masked-LM loss", 3, 1), ("vqa", "VQA acc", 1, 1), ("nlvr2", "NLVR2 acc", 1, 1),
+           ("easyvqa", "easy-VQA test acc", 1, 1), ("activation_ratio", "activation ratio", 0, 100),
+           ("top1_disabled", "perplexity x with top-1 disabled", 2, 1), ("tokens_per_s", "pretrain tokens/s", 0, 1)]
 
 
-def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
-    """Masked pretraining batches of the val/test images (not seen in pretraining), fixed masks."""
+def base_model() -> BEiT3Config:
+    """The tiny model (configs/model/tiny.yaml) with a dense FFN everywhere: what every variant is matched to."""
+    return load_config(BEiT3Config, str(ROOT / "configs/model/tiny.yaml"), ["moe=null", "moe_layers=none"])
+
+
+def heldout_shards(world: Path) -> Path:
+    """Shards of the world's val/test images and their first caption: pretraining never sees them."""
     out = world / "heldout_shards"
     if not out.is_dir():
         out.mkdir()
@@ -44,54 +72,130 @@ def heldout_batches(world: Path, cfg: BEiT3Config, n: int = 6) -> list[dict]:
                     continue
                 data = (world / "vqa" / "images" / im["filepath"] / im["filename"]).read_bytes()
                 sink.write({"__key__": f"{im['cocoid']:012d}", "png": data, "txt": im["sentences"][0]["raw"]})
-    return first_batches(out, load_tokenizer(), cfg, n, seed=123, shuffle_buffer=1)
+    return out
 
 
-def main() -> None:
+def model_overrides(moe: FFNConfig | None) -> list[str]:
+    """train_mm.py overrides that put `moe` in every other layer (None: the dense model)."""
+    if moe is None:
+        return ["model.moe=null", "model.moe_layers=none"]
+    return [f"model.moe={yaml.safe_dump(dataclasses.asdict(moe), default_flow_style=True).strip()}",
+            "model.moe_layers=every_other"]
+
+
+def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespace, threads: int) -> dict:
+    """Pretrain, analyse and fine-tune one variant with one seed; the figures, also kept in its result.json."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run = args.out / f"{name}-seed{seed}"
+    result = run / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    t0 = time.perf_counter()
+    files = {k: str(v) for k, v in world_files(args.world).items()}
+    common = [*model_overrides(moe), f"train.seed={seed}", "train.num_workers=0"]
+    stages = {
+        "pretrain": (["pretrain", "--config", "configs/pretrain_demo.yaml"], args.pretrain_steps,
+                     {"pretrain_data.shards": files["pretrain_data.shards"]}),
+        "vqa": (["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml"], args.vqa_steps,
+                {k: v for k, v in files.items() if k.startswith("data.vqa_")}),
+        "nlvr2": (["finetune", "nlvr2", "--config", "configs/finetune_nlvr2_demo.yaml"], args.nlvr2_steps,
+                  {k: v for k, v in files.items() if k.startswith("data.nlvr2_")}),
+        "easyvqa": (["finetune", "vqa", "--config", "configs/finetune_vqa_easyvqa.yaml"], args.easyvqa_steps,
+                    {k: str(args.easyvqa / v) for k, v in EASYVQA.items()}),
+    }
+    for stage, (head, steps, data) in stages.items():
+        out = run / stage
+        if (out / "done").is_file() or (out / "eval.json").is_file():
+            continue
+        init = [] if stage == "pretrain" else ["--init", str(run / "pretrain")]
+        extra = [f"train.eval_every={max(1, steps // 4)}"] if stage == "vqa" else []
+        code = train_mm.main([*head, *init, *common, *extra, f"train.steps={steps}", "--auto-resume",
+                              f"run_dir={out}", *(f"{k}={v}" for k, v in data.items())])
+        if code:
+            raise RuntimeError(f"{name} seed {seed}: the {stage} stage failed (exit status {code}); see above")
+    model, cfg = load_pretraining_model(run / "pretrain")
+    batches = first_batches(heldout_shards(args.world), load_tokenizer(), cfg.model, 6, seed=123, shuffle_buffer=1)
+    report = analyze(model, batches, run / "analysis")
+    speeds = [r["tokens_per_s"] for _, r in sorted(read_metrics(run / "pretrain").items()) if "tokens_per_s" in r]
+    vqa_curve = {s: r["vqa_val_accuracy"] for s, r in sorted(read_metrics(run / "vqa").items()) if "vqa_val_accuracy" in r}
+
+    def score(stage: str, key: str) -> float:
+        return json.loads((run / stage / "eval.json").read_text())[key]
+
+    out = {"variant": name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
+           "mlm_loss": report["mlm_loss"], "vqa": score("vqa", "vqa_val_accuracy"),
+           "nlvr2": score("nlvr2", "nlvr2_dev_accuracy"), "easyvqa": score("easyvqa", "vqa_val_accuracy"),
+           "activation_ratio": report.get("activation_ratio"),
+           "activation_by_modality": report.get("activation_ratio_by_modality"),
+           "top1_disabled": report.get("top1_disabled", {}).get("perplexity_ratio"),
+           "tokens_per_s": statistics.median(speeds[1:] or speeds),  # the first window includes the warm-up
+           "vqa_curve": vqa_curve, "seconds": time.perf_counter() - t0}
+    result.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def mean_sd(values: list[float], digits: int, scale: float) -> str:
+    """'mean ± sd' of the values (sd over seeds, n - 1), or '' when there are none."""
+    values = [v * scale for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return ""
+    sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{sd}"
+
+
+def table(results: list[dict], configs: dict[str, FFNConfig | None], d_model: int, dense_hidden: int) -> str:
+    """The markdown table: one row per variant, mean ± sd over its seeds."""
+    dense = FFNConfig(kind="dense", hidden=dense_hidden, subln=True)
+    lines = ["| variant | params | FFN MFLOPs/token | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for name, moe in configs.items():
+        rows = [r for r in results if r["variant"] == name]
+        if not rows:
+            continue
+        cells = [mean_sd([r[key] for r in rows], digits, scale) for key, _, digits, scale in COLUMNS]
+        flops = ffn_cost(moe or dense, d_model).flops / 1e6
+        lines.append(f"| {name} | {rows[0]['params'] / 1e6:.2f}M | {flops:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--easyvqa", type=Path, default=Path("data/easy_vqa"), help="converted here if missing")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
-    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time; the cores are split between them")
+    p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--vqa-steps", type=int, default=200)
-    p.add_argument("--variants", nargs="+", default=["dense", "smoe", "xmoe", "mhmoe", "cartesian"])
-    args = p.parse_args()
+    p.add_argument("--nlvr2-steps", type=int, default=150)
+    p.add_argument("--easyvqa-steps", type=int, default=300)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    args = p.parse_args(argv)
+    args.world, args.easyvqa, args.out = args.world.resolve(), args.easyvqa.resolve(), args.out.resolve()
     if not (args.world / "summary.json").is_file():
         write_world(args.world)
-    base = load_config(BEiT3Config, "configs/model/tiny.yaml", ["moe=null", "moe_layers=none"])
-    heldout = heldout_batches(args.world, base)
-    files = world_files(args.world)
-    rows = []
-    for name, moe in variants(base).items():
-        if name not in args.variants:
-            continue
-        run = args.out / name
-        model_override = [f"model.moe={yaml.safe_dump(dataclasses.asdict(moe), default_flow_style=True).strip()}",
-                          "model.moe_layers=every_other"] if moe else ["model.moe=null", "model.moe_layers=none"]
-        if not (run / "pretrain" / "curves.png").is_file():
-            train_mm.main(["pretrain", "--config", "configs/pretrain_demo.yaml", *model_override,
-                           f"pretrain_data.shards={files['pretrain_data.shards']}", f"train.steps={args.pretrain_steps}",
-                           f"run_dir={run / 'pretrain'}"])
-        if not (run / "vqa" / "eval.json").is_file():
-            train_mm.main(["finetune", "vqa", "--config", "configs/finetune_vqa_demo.yaml", "--init", str(run / "pretrain"),
-                           *model_override, f"train.steps={args.vqa_steps}", f"run_dir={run / 'vqa'}",
-                           *(f"{k}={v}" for k, v in files.items() if k.startswith("data.vqa_"))])
-        model, _ = load_pretraining_model(run / "pretrain")
-        report = analyze(model, heldout, run / "analysis")
-        metrics = [r for _, r in sorted(read_metrics(run / "pretrain").items())]
-        tok_s = statistics.median(r["tokens_per_s"] for r in metrics[1:]) if len(metrics) > 1 else float("nan")
-        vqa = json.loads((run / "vqa" / "eval.json").read_text())["vqa_val_accuracy"]
-        rows.append((name, sum(p.numel() for p in model.parameters()) / 1e6, report["mlm_loss"], vqa,
-                     report.get("activation_ratio"), tok_s,
-                     report.get("top1_disabled", {}).get("perplexity_ratio")))
-    lines = ["| variant | params | held-out masked-LM loss | VQA val acc | activation ratio | pretrain tokens/s | "
-             "perplexity x with top-1 disabled |", "|---|---|---|---|---|---|---|"]
-    for name, params, loss, vqa, ratio, tok_s, robust in rows:
-        lines.append(f"| {name} | {params:.1f}M | {loss:.3f} | {vqa:.1f} | "
-                     f"{'' if ratio is None else f'{100 * ratio:.0f}%'} | {tok_s:.0f} | "
-                     f"{'' if robust is None else f'{robust:.2f}'} |")
-    table = "\n".join(lines)
-    (args.out / "compare.md").write_text(table + "\n")
-    print(table)
+    if not (args.easyvqa / "images").is_dir():
+        subprocess.run([sys.executable, str(ROOT / "data" / "convert_easy_vqa.py"), "--out", str(args.easyvqa)], check=True)
+    heldout_shards(args.world)
+    base = base_model()
+    configs = {k: v for k, v in matched_variants(base.d_model, base.ffn.hidden, subln=True).items() if k in args.variants}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    t0 = time.perf_counter()
+    os.chdir(ROOT)  # the recipes' paths are relative to the repository
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, name, moe, seed, args, threads) for seed in range(args.seeds)
+                   for name, moe in configs.items()]
+        results = [f.result() for f in futures]
+    text = table(results, configs, base.d_model, base.ffn.hidden)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "minutes": (time.perf_counter() - t0) / 60,
+                                                       "runs": results}, indent=2))
+    (args.out / "compare.md").write_text(text + "\n")
+    print(text)
+    print(f"{len(results)} runs in {(time.perf_counter() - t0) / 60:.1f} min ({args.jobs} at a time)")
 
 
 if __name__ == "__main__":

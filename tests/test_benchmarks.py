@@ -4,6 +4,7 @@ timed after a warm-up that waits for page faults to stop; --breakdown sorts each
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import mmap
 import re
@@ -133,3 +134,35 @@ def test_bench_train_reports_throughput_and_saved_bytes_for_every_variant():
         assert float(row.group(1)) > 0 and float(row.group(4)) > 0
         if variant == "dense":
             assert row.group(2) == row.group(4) == "1.00"
+
+
+@pytest.mark.slow
+def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
+    """Two variants x two seeds, two runs at a time, through the script; the world's VQA set stands in for
+    easy-VQA (the same file formats) so the smoke test stays small."""
+    from mm_moe.data import write_world
+
+    world = tmp_path / "world"
+    write_world(world, n_train=40, n_val=4, n_test=4, n_pairs_train=40, n_pairs_dev=4, size=32, shard_count=8)
+    out = tmp_path / "compare"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_variants.py"), "--world", str(world), "--easyvqa",
+           str(world / "vqa"), "--out", str(out), "--seeds", "2", "--jobs", "2", "--variants", "dense", "cartesian",
+           "--pretrain-steps", "2", "--vqa-steps", "4", "--nlvr2-steps", "2", "--easyvqa-steps", "2"]
+    subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("cartesian", 0), ("cartesian", 1), ("dense", 0), ("dense", 1)]
+    for r in runs:
+        assert all(math.isfinite(r[k]) for k in ("mlm_loss", "vqa", "nlvr2", "easyvqa", "tokens_per_s")), r
+        assert sorted(r["vqa_curve"]) == ["1", "2", "3", "4"]  # validated every quarter of the steps
+        assert (r["activation_ratio"] is None) == (r["variant"] == "dense")
+    cart = next(r for r in runs if r["variant"] == "cartesian")
+    assert 0 < cart["activation_ratio"] <= 1 and cart["top1_disabled"] > 0
+    assert set(cart["activation_by_modality"]) == {"vision", "language"}
+    table = (out / "compare.md").read_text()
+    for variant in ("dense", "cartesian"):
+        row = re.search(rf"^\| {variant} \| [\d.]+M \| [\d.]+ \| ([\d.]+) ± ([\d.]+) \|", table, re.M)
+        assert row, table
+        losses = [r["mlm_loss"] for r in runs if r["variant"] == variant]
+        assert float(row.group(1)) == pytest.approx(sum(losses) / 2, abs=1e-3)
+    seeds = [r for r in runs if r["variant"] == "dense"]
+    assert seeds[0]["mlm_loss"] != seeds[1]["mlm_loss"]  # the seed reaches the weights

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import FFNConfig
-from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, mhmoe_matched
+from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, matched_variants, mhmoe_matched
 
 CONFIGS = {
     "dense": FFNConfig(kind="dense", hidden=48),
@@ -88,3 +88,25 @@ def test_cartesian_family_hand_computed():
         cost = ffn_cost(cfg, d)
         assert cost.core_params == 34 * half
         assert cost.core_flops == 2 * 6 * half
+
+
+def test_matched_variants_hand_computed_and_built():
+    """d_ff=16, E=8: every MoE touches 16 hidden units per token and holds 8 x 16 (MH-MoE: rounded count)."""
+    d, d_ff = 8, 16
+    cfgs = matched_variants(d, d_ff, num_experts=8, heads=2)
+    assert list(cfgs) == ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
+    assert cfgs["dense"] is None
+    share, fine, cart = cfgs["smoe_share"], cfgs["finegrained"], cfgs["cartesian"]
+    assert (share.num_experts, share.hidden, share.top_k, share.num_shared_experts) == (15, 8, 1, 1)
+    assert (fine.num_experts, fine.hidden, fine.top_k, fine.shared_hidden) == (30, 4, 2, 8)
+    assert (cart.num_experts, cart.hidden, cart.top_k, cart.num_shared_experts) == (15, 4, 1, 1)
+    unit = 2 * d  # GELU: 2 matmul weights per hidden unit
+    for name, cfg in cfgs.items():
+        if cfg is None:
+            continue
+        cost = ffn_cost(cfg, d)
+        assert cost.core_flops == 2 * d_ff * unit, name  # the dense FFN's: 2 FLOPs x 16 units x 2d weights
+        if name != "mhmoe":
+            assert cost.core_params == 8 * d_ff * unit, name
+        layer = build_ffn(cfg, d)
+        assert sum(p.numel() for p in layer.parameters()) == cost.params, name

@@ -148,3 +148,33 @@ def cartesian_matched(
     fine = dataclasses.replace(share, hidden=half, num_experts=2 * num_experts, top_k=2 * top_k, shared_hidden=d_ff)
     cart = dataclasses.replace(share, kind="cartesian", hidden=half)
     return {"smoe_share": share, "finegrained": fine, "cartesian": cart}
+
+
+def matched_variants(
+    d_model: int,
+    d_ff: int,
+    *,
+    num_experts: int = 8,
+    heads: int = 4,
+    activation: str = "gelu",
+    **common,
+) -> dict[str, FFNConfig | None]:
+    """The seven FFN variants compared in this project, all at the active FLOPs of a dense FFN of inner size d_ff.
+
+    SMoE / X-MoE: E experts of d_ff, top-1. MH-MoE: `mhmoe_matched` (h heads, top-2 sub-token experts).
+    SMoE-Share, Fine-grained and CartesianMoE: `cartesian_matched` with d_ff/2 experts, 2E - 1 of them, top-1
+    (1 shared), so each token still touches d_ff hidden units and each holds E x d_ff of them, as SMoE does:
+    SMoE-Share 2E-1 experts of d_ff/2 + 1 shared; Fine-grained 4E-2 of d_ff/4, top-2, + a shared d_ff/2;
+    CartesianMoE 2 groups of 2E-1 sub-experts of d_ff/4 + 1 shared each. Core parameters are then equal for
+    all MoE variants but MH-MoE, whose expert count is rounded (`mhmoe_matched`). "dense" is None.
+    """
+    if d_ff % 4:
+        raise ValueError(f"matched_variants: d_ff={d_ff} must be divisible by 4 (CartesianMoE sub-experts are d_ff/4)")
+    smoe = FFNConfig(kind="smoe", hidden=d_ff, num_experts=num_experts, top_k=1, activation=activation, **common)
+    mh = mhmoe_matched(d_model, d_ff, num_experts=num_experts, top_k=1, heads=heads, mh_top_k=2, activation=activation,
+                       **common)["mhmoe"]
+    cart = cartesian_matched(d_model, d_ff // 2, num_experts=2 * num_experts - 1, top_k=1, activation=activation,
+                             **common)
+    return {"dense": None, "smoe": smoe, "xmoe": dataclasses.replace(smoe, kind="xmoe"),
+            "smoe_share": cart["smoe_share"], "finegrained": cart["finegrained"], "mhmoe": mh,
+            "cartesian": cart["cartesian"]}
