@@ -34,8 +34,7 @@ from pathlib import Path
 import webdataset as wds
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_mm
 from mm_moe.analysis import analyze
@@ -45,6 +44,7 @@ from mm_moe.engine import read_metrics
 from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import ffn_cost, matched_variants
 
+ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 EASYVQA = {"data.vqa_train_questions": "v2_OpenEnded_mscoco_train2014_questions.json",
            "data.vqa_train_annotations": "v2_mscoco_train2014_annotations.json",

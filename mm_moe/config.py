@@ -332,6 +332,9 @@ class TaskDataConfig:
     """Folder of the COCO images (searched recursively)."""
     answer_min_count: PosInt = 9
     """Answers occurring at least this often in training form the vocabulary."""
+    train_crop_scale: Annotated[float, Range(gt=0, le=1)] = 0.8
+    """Smallest area share of the training images' random resized crop; 1 turns the crop off (a plain resize, for
+    data such as easy-VQA whose small shapes at the border a crop would cut out, leaving wrong answers)."""
     nlvr2_train: str = ""
     """NLVR2 train.json (JSON Lines)."""
     nlvr2_dev: str = ""
