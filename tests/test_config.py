@@ -67,6 +67,7 @@ def test_numeric_strings_become_numbers(tmp_path):
     ("model.moe_layers=top13", "config: model.moe_layers: expected none, all, every_other, every_other_even, top<N>"),
     ("train.stpes=10", "config: train.stpes: unknown key for TrainConfig; did you mean 'steps'?"),
     ("optim=3", "config: optim: expected OptimConfig, got 3"),
+    ("data.train_crop_scale=0", "config: data.train_crop_scale: expected float > 0, <= 1, got 0"),
 ])
 def test_bad_values_name_their_key_the_expected_type_and_the_value(override, message):
     with pytest.raises(ConfigError) as err:

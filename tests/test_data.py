@@ -212,6 +212,24 @@ def test_vqa_dataset_reads_official_format(world, tok):
     assert torch.equal(batch["targets"].max(1).values, torch.ones(5))  # 10 identical answers: score 1
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_train_crop_scale_one_trains_on_the_whole_image(world, tok, scale):
+    """data.train_crop_scale=1: fine-tuning images are the eval transform's (nothing cut off); below 1, crops."""
+    from mm_moe.config import RunConfig, load_config
+    from mm_moe.data.synthetic import world_files
+    from mm_moe.engine import build_task
+
+    out, _ = world
+    files = [f"{k}={v}" for k, v in world_files(out).items() if k.startswith("data.vqa_")]
+    cfg = load_config(RunConfig, ROOT / "configs" / "finetune_vqa_demo.yaml",
+                      ["task=vqa", *files, "train.batch_size=4", f"data.train_crop_scale={scale}"])
+    batch = next(iter(build_task(cfg, tok).loader(0)))
+    whole = VQADataset(cfg.data.vqa_train_questions, out / "vqa" / "images", tok, eval_transform(cfg.model.img_size))
+    index = {q["question_id"]: i for i, q in enumerate(whole.questions)}
+    expected = torch.stack([whole[index[q]]["image"] for q in batch["question_ids"]])
+    assert torch.equal(batch["images"], expected) == (scale == 1.0)
+
+
 def test_vqa_train_plus_val_files(world, tok, tmp_path):
     """BEiT-3 trains VQA on train + val: lists of question and annotation files; the vocabulary counts all."""
     out, summary = world
