@@ -107,7 +107,7 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
     }
     for stage, (head, steps, data) in stages.items():
         out = run / stage
-        if (out / "done").is_file() or (out / "eval.json").is_file():
+        if not steps or (out / "done").is_file():
             continue
         init = [] if stage == "pretrain" else ["--init", str(run / "pretrain")]
         extra = [f"train.eval_every={max(1, steps // 4)}"] if stage == "vqa" else []
@@ -115,14 +115,16 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
                               f"run_dir={out}", *(f"{k}={v}" for k, v in data.items())])
         if code:
             raise RuntimeError(f"{name} seed {seed}: the {stage} stage failed (exit status {code}); see above")
+        (out / "done").write_text(f"{time.perf_counter() - t0:.0f} s\n")
     model, cfg = load_pretraining_model(run / "pretrain")
     batches = first_batches(heldout_shards(args.world), load_tokenizer(), cfg.model, 6, seed=123, shuffle_buffer=1)
     report = analyze(model, batches, run / "analysis")
     speeds = [r["tokens_per_s"] for _, r in sorted(read_metrics(run / "pretrain").items()) if "tokens_per_s" in r]
     vqa_curve = {s: r["vqa_val_accuracy"] for s, r in sorted(read_metrics(run / "vqa").items()) if "vqa_val_accuracy" in r}
 
-    def score(stage: str, key: str) -> float:
-        return json.loads((run / stage / "eval.json").read_text())[key]
+    def score(stage: str, key: str) -> float | None:
+        path = run / stage / "eval.json"
+        return json.loads(path.read_text())[key] if path.is_file() else None
 
     out = {"variant": name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
            "mlm_loss": report["mlm_loss"], "vqa": score("vqa", "vqa_val_accuracy"),
@@ -170,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--vqa-steps", type=int, default=200)
     p.add_argument("--nlvr2-steps", type=int, default=150)
-    p.add_argument("--easyvqa-steps", type=int, default=300)
+    p.add_argument("--easyvqa-steps", type=int, default=300, help="0 skips easy-VQA")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = p.parse_args(argv)
     args.world, args.easyvqa, args.out = args.world.resolve(), args.easyvqa.resolve(), args.out.resolve()
     if not (args.world / "summary.json").is_file():
         write_world(args.world)
-    if not (args.easyvqa / "images").is_dir():
+    if args.easyvqa_steps and not (args.easyvqa / "images").is_dir():
         subprocess.run([sys.executable, str(ROOT / "data" / "convert_easy_vqa.py"), "--out", str(args.easyvqa)], check=True)
     heldout_shards(args.world)
     base = base_model()
