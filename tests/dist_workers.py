@@ -50,13 +50,13 @@ def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str
     x = torch.randn(12, 16, requires_grad=True)
     idx = torch.randint(0, 4, (12, 2))
     idx[0, 1] = -1  # a skipped assignment
-    w = torch.rand(12, 2)
+    w = torch.rand(12, 2, requires_grad=True)  # combine weights: their gradient crosses the all-to-all
     grad = torch.randn(12, 16)
 
     ref = full(x, idx, w)
     (ref * grad).sum().backward()
-    ref_x_grad = x.grad.clone()
-    x.grad = None
+    ref_x_grad, ref_w_grad = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
     ref_param_grads = {n: p.grad.clone() for n, p in full.named_parameters()}
     for g in ref_param_grads.values():
         dist.all_reduce(g)  # an expert's gradient collects every rank's tokens
@@ -70,6 +70,7 @@ def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str
     e_local = 4 // world
     local_grads = {n: p.grad for n, p in ep.named_parameters()}
     torch.save({"out_err": (out - ref).abs().max(), "x_grad_err": (x.grad - ref_x_grad).abs().max(),
+                "w_grad_err": (w.grad - ref_w_grad).abs().max(),
                 "param_grad_err": max((local_grads[n] - g[rank * e_local:(rank + 1) * e_local]).abs().max()
                                       for n, g in ref_param_grads.items())}, f"{out_dir}/ep{rank}.pt")
     dist.destroy_process_group()

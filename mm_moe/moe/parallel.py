@@ -47,13 +47,18 @@ class ExpertParallelExperts(GroupedExperts):
         send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
         got = xs.new_empty(sum(recv_sizes), xs.shape[1])
         got = dist_fn.all_to_all_single(got, xs, recv_sizes, send_sizes, group=self.group)
+        # the combine weights travel with their rows, so the experts return weighted rows and the combine on
+        # this side is a plain scatter-add that keeps nothing of size [rows, d] for backward
+        ws = d.row_weights(weights)
+        got_w = dist_fn.all_to_all_single(ws.new_empty(sum(recv_sizes)), ws, recv_sizes, send_sizes, group=self.group)
         # received rows are grouped by source rank, then by my local expert: regroup by local expert
         expert_of_row = torch.repeat_interleave(torch.arange(e_local, device=x.device).repeat(self.world), recv.flatten())
         perm = torch.argsort(expert_of_row, stable=True)
-        ys = torch.empty_like(got).index_copy(0, perm, self.grouped_ffn(got, recv.sum(0), rows=perm))
+        ys = self.grouped_ffn(got, recv.sum(0), got_w.index_select(0, perm), rows=perm)
+        ys = torch.empty_like(got).index_copy(0, perm, ys)
         back = ys.new_empty(sum(send_sizes), ys.shape[1])
         back = dist_fn.all_to_all_single(back, ys, send_sizes, recv_sizes, group=self.group)
-        return combine(back, d, x.shape[0], weights)
+        return combine(back, d, x.shape[0])
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
