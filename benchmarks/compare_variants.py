@@ -1,6 +1,7 @@
 """Dense and six MoE variants of the tiny BEiT-3, matched in active FLOPs, trained the same way over several seeds.
 
     python benchmarks/compare_variants.py --seeds 3 --jobs 2 --out runs/compare   # writes compare.md, compare.json
+    python benchmarks/compare_variants.py --seeds 3 --out runs/compare --report   # the table of the runs finished so far
 
 The variants are `mm_moe.moe.matched_variants` of the tiny model's dense FFN (MoE in every other layer): SMoE,
 X-MoE, SMoE-Share, Fine-grained and CartesianMoE with equal core parameters, MH-MoE with its expert count
@@ -51,7 +52,7 @@ EASYVQA = {"data.vqa_train_questions": "v2_OpenEnded_mscoco_train2014_questions.
            "data.vqa_val_questions": "v2_OpenEnded_mscoco_val2014_questions.json",
            "data.vqa_val_annotations": "v2_mscoco_val2014_annotations.json", "data.vqa_images": "images"}
 COLUMNS = [("mlm_loss", "held-out masked-LM loss", 3, 1), ("vqa", "VQA acc", 1, 1), ("nlvr2", "NLVR2 acc", 1, 1),
-           ("easyvqa", "easy-VQA test acc", 1, 1), ("activation_ratio", "activation ratio", 0, 100),
+           ("easyvqa", "easy-VQA test acc", 1, 1), ("activation_ratio", "activation ratio %", 0, 100),
            ("top1_disabled", "perplexity x with top-1 disabled", 2, 1), ("tokens_per_s", "pretrain tokens/s", 0, 1)]
 
 
@@ -174,30 +175,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nlvr2-steps", type=int, default=150)
     p.add_argument("--easyvqa-steps", type=int, default=300, help="0 skips easy-VQA")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--report", action="store_true", help="tabulate the finished runs under --out, run nothing")
     args = p.parse_args(argv)
     args.world, args.easyvqa, args.out = args.world.resolve(), args.easyvqa.resolve(), args.out.resolve()
-    if not (args.world / "summary.json").is_file():
+    if not args.report and not (args.world / "summary.json").is_file():
         write_world(args.world)
-    if args.easyvqa_steps and not (args.easyvqa / "images").is_dir():
+    if not args.report and args.easyvqa_steps and not (args.easyvqa / "images").is_dir():
         subprocess.run([sys.executable, str(ROOT / "data" / "convert_easy_vqa.py"), "--out", str(args.easyvqa)], check=True)
-    heldout_shards(args.world)
+    if not args.report:
+        heldout_shards(args.world)
     base = base_model()
     configs = {k: v for k, v in matched_variants(base.d_model, base.ffn.hidden, subln=True).items() if k in args.variants}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
     os.chdir(ROOT)  # the recipes' paths are relative to the repository
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, name, moe, seed, args, threads) for seed in range(args.seeds)
-                   for name, moe in configs.items()]
-        results = [f.result() for f in futures]
+    if args.report:
+        results = [json.loads(path.read_text()) for seed in range(args.seeds) for name in configs
+                   if (path := args.out / f"{name}-seed{seed}" / "result.json").is_file()]
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, name, moe, seed, args, threads) for seed in range(args.seeds)
+                       for name, moe in configs.items()]
+            results = [f.result() for f in futures]
     text = table(results, configs, base.d_model, base.ffn.hidden)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "minutes": (time.perf_counter() - t0) / 60,
+                                                       "minutes": None if args.report else (time.perf_counter() - t0) / 60,
                                                        "runs": results}, indent=2))
     (args.out / "compare.md").write_text(text + "\n")
     print(text)
-    print(f"{len(results)} runs in {(time.perf_counter() - t0) / 60:.1f} min ({args.jobs} at a time)")
+    took = "" if args.report else f" in {(time.perf_counter() - t0) / 60:.1f} min ({args.jobs} at a time)"
+    print(f"{len(results)} runs{took}")
 
 
 if __name__ == "__main__":

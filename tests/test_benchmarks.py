@@ -166,3 +166,7 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
         assert float(row.group(1)) == pytest.approx(sum(losses) / 2, abs=1e-3)
     seeds = [r for r in runs if r["variant"] == "dense"]
     assert seeds[0]["mlm_loss"] != seeds[1]["mlm_loss"]  # the seed reaches the weights
+    (out / "cartesian-seed1" / "result.json").unlink()  # --report tabulates what is finished and runs nothing
+    again = subprocess.run([*cmd, "--report"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "3 runs" in again and not (out / "cartesian-seed1" / "result.json").exists()
+    assert re.search(r"^\| cartesian \| [\d.]+M \| [\d.]+ \| [\d.]+ \|", again, re.M)  # one seed: no spread
