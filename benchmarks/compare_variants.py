@@ -37,6 +37,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_train import VARIANTS
+
 import train_mm
 from mm_moe.analysis import analyze
 from mm_moe.config import BEiT3Config, FFNConfig, load_config
@@ -46,7 +48,6 @@ from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import ffn_cost, matched_variants
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 EASYVQA = {"data.vqa_train_questions": "v2_OpenEnded_mscoco_train2014_questions.json",
            "data.vqa_train_annotations": "v2_mscoco_train2014_annotations.json",
            "data.vqa_val_questions": "v2_OpenEnded_mscoco_val2014_questions.json",

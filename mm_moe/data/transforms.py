@@ -30,7 +30,10 @@ STD = (0.5, 0.5, 0.5)
 
 
 def train_transform(img_size: int, min_scale: float = 0.5) -> v2.Compose:
-    """Random resized crop, no flip (a flip would break left/right questions and captions), to normalised float."""
+    """Random resized crop, no flip (a flip would break left/right questions and captions), to normalised float.
+    min_scale 1: no crop at all, the eval transform (a crop of the whole area would still change the aspect)."""
+    if min_scale == 1:
+        return eval_transform(img_size)
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),

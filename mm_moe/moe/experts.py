@@ -277,11 +277,8 @@ def dispatch(expert_idx: Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order, order // k, counts)
 
 
-def combine(ys: Tensor, d: Dispatch, num_tokens: int, weights: Tensor | None = None) -> Tensor:
-    """Sum the expert output rows ys[N, d] back into [T, d] token order, each scaled by its weight from
-    weights[T, k] when given (else the rows are taken as already weighted)."""
-    if weights is not None:
-        ys = ys * d.row_weights(weights).to(ys.dtype)[:, None]
+def combine(ys: Tensor, d: Dispatch, num_tokens: int) -> Tensor:
+    """Sum the expert output rows ys[N, d], already scaled by their combine weights, back into [T, d] token order."""
     return _SumRows.apply(ys, d.token, num_tokens)
 
 
