@@ -351,6 +351,9 @@ class TaskDataConfig:
     """Karpathy split captioned and scored in validation (empty: no scoring)."""
     caption_beam: PosInt = 3
     """Beam size of caption validation."""
+    caption_val_meteor: bool = True
+    """Score METEOR in validation too (a java process answering image by image: ~8 s per 100 images on CPU);
+    eval_caption.py always scores it."""
 
 
 @dataclass

@@ -92,6 +92,10 @@ def test_caption_scores_equal_hand_computed_bleu_and_cider(tmp_path):
     image2 = 10 * math.exp(-1 / 72) * sum(cosines) / 4
     assert ours["CIDEr"] == pytest.approx((10 + image2) / 2, rel=1e-6)
     assert ours["ROUGE-L"] == pytest.approx((1 + _rouge_l(5, 6, 5)) / 2, rel=1e-6)
+    assert 0 < ours["METEOR"] <= 1
+    without = score_captions(gt, [{"image_id": 1, "caption": "two blue squares here"},
+                                  {"image_id": 2, "caption": "a red circle on top"}], use_meteor=False)
+    assert without == {k: v for k, v in ours.items() if k != "METEOR"}  # validation's cheaper scoring
 
 
 def _rouge_l(cand: int, ref: int, lcs: int, beta: float = 1.2) -> float:

@@ -107,7 +107,7 @@ def test_caption_fine_tuning_is_scored_with_the_coco_tools(tmp_path, world, caps
     assert script("train_mm.py").main(
         ["finetune", "caption", "--config", str(ROOT / "configs/finetune_caption_demo.yaml"), *TINY, f"run_dir={run}",
          f"data.karpathy={world}/coco/dataset_coco.json", f"data.coco_images={world}/vqa/images",
-         "train.eval_every=1", "data.caption_beam=2"]) == 0
+         "train.eval_every=1", "data.caption_beam=2", "data.caption_val_meteor=true"]) == 0
     report = json.loads((run / "eval.json").read_text())
     for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert 0 <= report[f"caption_val_{metric}"] <= 10, metric

@@ -140,7 +140,7 @@ def finetune_evaluator(cfg: RunConfig, tokenizer: Any, answers: list[str] | None
                 folder = out or Path(tmp)
                 gt = write_coco_gt(d.karpathy, split, folder / f"caption_{split}_gt.json")
                 scores = evaluate_captions(model, ds, tokenizer, gt, folder / f"caption_{split}_results.json", beam,
-                                           bs, _device(model))
+                                           bs, _device(model), use_meteor=d.caption_val_meteor)
             return {f"caption_{split}_{k}": v for k, v in scores.items()}
 
         return caption, f"caption_{split}_CIDEr"

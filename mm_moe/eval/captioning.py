@@ -107,9 +107,11 @@ class CaptionDecoder:
         return [self.tok.decode(seq, skip_special_tokens=True).strip() for seq in self.generate(images)]
 
 
-def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = False) -> dict[str, float]:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE if asked and runnable) of [{"image_id", "caption"}] against a
-    COCO-format ground truth, exactly as pycocoevalcap computes them (PTB tokenisation first)."""
+def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = False,
+                   use_meteor: bool = True) -> dict[str, float]:
+    """BLEU-1..4, METEOR (unless turned off), ROUGE-L, CIDEr (and SPICE if asked and runnable) of
+    [{"image_id", "caption"}] against a COCO-format ground truth, exactly as pycocoevalcap computes them (PTB
+    tokenisation first)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -134,7 +136,8 @@ def score_captions(gt_json: str | Path, results: list[dict], use_spice: bool = F
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res)
     out.update({f"BLEU-{n + 1}": b for n, b in enumerate(bleu)})
-    out["METEOR"], _ = Meteor().compute_score(gts, res)
+    if use_meteor:
+        out["METEOR"], _ = Meteor().compute_score(gts, res)
     out["ROUGE-L"], _ = Rouge().compute_score(gts, res)
     out["CIDEr"], _ = Cider().compute_score(gts, res)
     if use_spice:

@@ -62,11 +62,11 @@ def caption_predictions(model: BEiT3ForCaptioning, ds: Dataset, tokenizer: Any, 
 
 def evaluate_captions(model: BEiT3ForCaptioning, ds: Dataset, tokenizer: Any, gt_json: str | Path, results_json: str | Path,
                       beam: BeamConfig | None = None, batch_size: int = 32, device: torch.device | None = None,
-                      use_spice: bool = False) -> dict[str, float]:
+                      use_spice: bool = False, use_meteor: bool = True) -> dict[str, float]:
     """Caption every image of `ds`, write the results file, and score it against a COCO-format ground truth."""
     results = caption_predictions(model, ds, tokenizer, beam or BeamConfig(), batch_size, device or torch.device("cpu"))
     Path(results_json).write_text(json.dumps(results))
-    return score_captions(gt_json, results, use_spice=use_spice)
+    return score_captions(gt_json, results, use_spice=use_spice, use_meteor=use_meteor)
 
 
 __all__ = ["vqa_predictions", "nlvr2_predictions", "caption_predictions", "evaluate_captions"]
