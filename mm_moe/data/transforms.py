@@ -22,7 +22,7 @@ def seeded(transform: Callable, image: Any, *key: Any) -> Any:
     skips batches, or a different number of DataLoader workers, sees exactly the same crops.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed_of(*key))
+        torch.default_generator.manual_seed(seed_of(*key))  # torch.manual_seed would also queue CUDA/XPU seeding
         return transform(image)
 
 MEAN = (0.5, 0.5, 0.5)
