@@ -96,7 +96,8 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
         return json.loads(result.read_text())
     t0 = time.perf_counter()
     files = {k: str(v) for k, v in world_files(args.world).items()}
-    common = [*model_overrides(moe), f"train.seed={seed}", "train.num_workers=0"]
+    batch = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+    common = [*model_overrides(moe), f"train.seed={seed}", "train.num_workers=0", *batch]
     stages = {
         "pretrain": (["pretrain", "--config", "configs/pretrain_demo.yaml"], args.pretrain_steps,
                      {"pretrain_data.shards": files["pretrain_data.shards"]}),
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nlvr2-steps", type=int, default=150)
     p.add_argument("--easyvqa-steps", type=int, default=300, help="0 skips easy-VQA")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--batch-size", type=int, default=0, help="every stage's batch size (0: each recipe's own, 32)")
     p.add_argument("--report", action="store_true", help="tabulate the finished runs under --out, run nothing")
     args = p.parse_args(argv)
     args.world, args.easyvqa, args.out = args.world.resolve(), args.easyvqa.resolve(), args.out.resolve()

@@ -243,7 +243,7 @@ def test_vqa_predictor_answers_like_the_model_run_by_hand(vqa_run, world, spm_fi
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
     ids = torch.tensor([[0, *[i + 1 for i in sp.encode(question)], 2]])
     pixels = Image.open(image).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)
-    x = (torch.from_numpy(np.asarray(pixels)).float().permute(2, 0, 1)[None] / 255 - 0.5) / 0.5
+    x = (torch.from_numpy(np.array(pixels)).float().permute(2, 0, 1)[None] / 255 - 0.5) / 0.5
     scores = model.eval()(x, ids).logits.sigmoid()[0]
     top = scores.topk(3)
     assert [a for a, _ in answers] == [vocab[i] for i in top.indices.tolist()]

@@ -147,7 +147,7 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     out = tmp_path / "compare"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_variants.py"), "--world", str(world), "--easyvqa",
            str(world / "vqa"), "--out", str(out), "--seeds", "2", "--jobs", "2", "--variants", "dense", "cartesian",
-           "--pretrain-steps", "2", "--vqa-steps", "4", "--nlvr2-steps", "2", "--easyvqa-steps", "2"]
+           "--batch-size", "8", "--pretrain-steps", "2", "--vqa-steps", "4", "--nlvr2-steps", "2", "--easyvqa-steps", "2"]
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     runs = json.loads((out / "compare.json").read_text())["runs"]
     assert sorted((r["variant"], r["seed"]) for r in runs) == [("cartesian", 0), ("cartesian", 1), ("dense", 0), ("dense", 1)]

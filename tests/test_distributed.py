@@ -49,6 +49,7 @@ class Runs:
         self.world = root / "world"
         write_world(self.world, n_train=40, n_val=2, n_test=2, n_pairs_train=8, n_pairs_dev=2, size=32, shard_count=30)
         self.done: dict[tuple[str, str], Path] = {}
+        self.references: dict[str, tuple[Path, dict]] = {}
 
     def args(self, task: str) -> list[str]:
         """train_mm.py arguments of `task` on the synthetic world, with its validation data."""
@@ -77,6 +78,16 @@ class Runs:
             train_cli([*self.args(task), *TINY, *MODES[mode], f"run_dir={run}"], WORLD)
             self.done[task, mode] = run
         return self.done[task, mode]
+
+    def reference(self, task: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        """One process on the global batch of `task` (the same for every mode): its run folder and final weights."""
+        if task not in self.references:
+            torch.set_num_threads(1)
+            run = self.root / f"{task}-reference"
+            ref = one_process_trainer(self.config(task, run))
+            ref.fit()
+            self.references[task] = run, ref.raw.state_dict()
+        return self.references[task]
 
     def config(self, task: str, run_dir: Path) -> RunConfig:
         args = self.args(task)
@@ -126,22 +137,19 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "caption"])
-def test_torchrun_training_matches_one_process_on_the_global_batch(runs, tmp_path, task, mode):
+def test_torchrun_training_matches_one_process_on_the_global_batch(runs, task, mode):
     run = runs.trained(task, mode)
-    torch.set_num_threads(1)
-    ref = one_process_trainer(runs.config(task, tmp_path / "ref"))
-    ref.fit()
-    got, want = records(run), records(tmp_path / "ref")
+    ref_run, ref_state = runs.reference(task)
+    got, want = records(run), records(ref_run)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for g, w in zip(got, want, strict=True):  # the loss and grad norm of the global batch, every step
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
-    validated, ref_validated = records(run, validation=True), records(tmp_path / "ref", validation=True)
+    validated, ref_validated = records(run, validation=True), records(ref_run, validation=True)
     assert [r["step"] for r in validated] == ([] if task == "pretrain" else [2, 4])  # every rank validates the model
     for g, w in zip(validated, ref_validated, strict=True):
         assert g.keys() == w.keys() and all(g[k] == pytest.approx(w[k], rel=1e-6) for k in g), (g, w)
     final = weights(run / "step-00000004")  # the export holds every expert, gathered from the ranks
-    ref_state = ref.raw.state_dict()
     assert final.keys() <= ref_state.keys()
     for name, value in final.items():
         torch.testing.assert_close(value, ref_state[name], atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
