@@ -79,8 +79,8 @@ def test_caption_scores_equal_hand_computed_bleu_and_cider(tmp_path):
     matches 5/5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 four-grams.
     """
     gt = _coco_gt(tmp_path / "gt.json", {1: ["Two blue squares here."], 2: ["A red circle on the top."]})
-    ours = score_captions(gt, [{"image_id": 1, "caption": "two blue squares here"},
-                               {"image_id": 2, "caption": "a red circle on top"}])
+    results = [{"image_id": 1, "caption": "two blue squares here"}, {"image_id": 2, "caption": "a red circle on top"}]
+    ours = score_captions(gt, results)
     # corpus BLEU: clipped n-gram matches summed over images, brevity penalty exp(1 - r / c) with c = 9, r = 10
     precisions = [(4 + 5) / (4 + 5), (3 + 3) / (3 + 4), (2 + 2) / (2 + 3), (1 + 1) / (1 + 2)]
     bp = math.exp(1 - 10 / 9)
@@ -93,8 +93,7 @@ def test_caption_scores_equal_hand_computed_bleu_and_cider(tmp_path):
     assert ours["CIDEr"] == pytest.approx((10 + image2) / 2, rel=1e-6)
     assert ours["ROUGE-L"] == pytest.approx((1 + _rouge_l(5, 6, 5)) / 2, rel=1e-6)
     assert 0 < ours["METEOR"] <= 1
-    without = score_captions(gt, [{"image_id": 1, "caption": "two blue squares here"},
-                                  {"image_id": 2, "caption": "a red circle on top"}], use_meteor=False)
+    without = score_captions(gt, results, use_meteor=False)
     assert without == {k: v for k, v in ours.items() if k != "METEOR"}  # validation's cheaper scoring
 
 
