@@ -335,6 +335,9 @@ class TaskDataConfig:
     train_crop_scale: Annotated[float, Range(gt=0, le=1)] = 0.8
     """Smallest area share of the training images' random resized crop; 1 turns the crop off (a plain resize, for
     data such as easy-VQA whose small shapes at the border a crop would cut out, leaving wrong answers)."""
+    train_dihedral: bool = False
+    """Also flip and turn training images by quarter turns at random (the square's 8 symmetries): only for data
+    whose answers do not depend on orientation (easy-VQA); it would break left/right questions."""
     nlvr2_train: str = ""
     """NLVR2 train.json (JSON Lines)."""
     nlvr2_dev: str = ""

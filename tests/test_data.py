@@ -230,6 +230,32 @@ def test_train_crop_scale_one_trains_on_the_whole_image(world, tok, scale):
     assert torch.equal(batch["images"], expected) == (scale == 1.0)
 
 
+def test_train_dihedral_gives_the_squares_eight_symmetries(world, tok):
+    """data.train_dihedral: every training image is exactly one of the 8 flips / quarter turns of the whole image
+    (no resampling), and over enough draws all 8 occur."""
+    from mm_moe.config import RunConfig, load_config
+    from mm_moe.data.synthetic import world_files
+    from mm_moe.engine import build_task
+
+    out, _ = world
+    files = [f"{k}={v}" for k, v in world_files(out).items() if k.startswith("data.vqa_")]
+    cfg = load_config(RunConfig, ROOT / "configs" / "finetune_vqa_demo.yaml",
+                      ["task=vqa", *files, "train.batch_size=16", "data.train_crop_scale=1", "data.train_dihedral=true"])
+    whole = VQADataset(cfg.data.vqa_train_questions, out / "vqa" / "images", tok, eval_transform(cfg.model.img_size))
+    index = {q["question_id"]: i for i, q in enumerate(whole.questions)}
+    seen = Counter()
+    loader = build_task(cfg, tok).loader
+    for epoch in range(6):
+        batch = next(iter(loader(epoch)))
+        for q, image in zip(batch["question_ids"], batch["images"], strict=True):
+            plain = whole[index[q]]["image"]
+            views = [torch.rot90(plain.flip(2) if f else plain, k, (1, 2)) for f in (0, 1) for k in range(4)]
+            matches = [i for i, v in enumerate(views) if torch.equal(image, v)]
+            assert len(matches) == 1, "not one of the image's 8 symmetries (or a symmetric image)"
+            seen[matches[0]] += 1
+    assert len(seen) == 8, seen
+
+
 def test_vqa_train_plus_val_files(world, tok, tmp_path):
     """BEiT-3 trains VQA on train + val: lists of question and annotation files; the vocabulary counts all."""
     out, summary = world

@@ -29,14 +29,18 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
-def train_transform(img_size: int, min_scale: float = 0.5) -> v2.Compose:
-    """Random resized crop, no flip (a flip would break left/right questions and captions), to normalised float.
-    min_scale 1: no crop at all, the eval transform (a crop of the whole area would still change the aspect)."""
-    if min_scale == 1:
-        return eval_transform(img_size)
+def train_transform(img_size: int, min_scale: float = 0.5, dihedral: bool = False) -> v2.Compose:
+    """Random resized crop, no flip by default (a flip would break left/right questions and captions), to
+    normalised float. min_scale 1: no crop (a crop of the whole area would still change the aspect).
+    dihedral: a random one of the square's 8 symmetries (flip, quarter turns), for data whose answers do not
+    depend on orientation (easy-VQA: 8x the views of its 4,000 training images)."""
+    size = v2.Resize((img_size, img_size), antialias=True) if min_scale == 1 else \
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)
+    turns = [v2.RandomHorizontalFlip(), v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
+        size,
+        *(turns if dihedral else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])

@@ -150,7 +150,7 @@ def finetune_evaluator(cfg: RunConfig, tokenizer: Any, answers: list[str] | None
 def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
     """The model (fresh head), loader and loss of the fine-tuning task `cfg.task`."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    train_tf = train_transform(m.img_size, d.train_crop_scale)
+    train_tf = train_transform(m.img_size, d.train_crop_scale, d.train_dihedral)
     tokens = encoder_tokens(m.patch_size)
 
     def loader(ds: Any, source: str) -> Callable[[int], Any]:
