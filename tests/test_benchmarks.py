@@ -170,3 +170,29 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     again = subprocess.run([*cmd, "--report"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "3 runs" in again and not (out / "cartesian-seed1" / "result.json").exists()
     assert re.search(r"^\| cartesian \| [\d.]+M \| [\d.]+ \| [\d.]+ \|", again, re.M)  # one seed: no spread
+
+
+def test_easyvqa_curves_scores_by_question_kind(tmp_path, monkeypatch):
+    """The curves script trains through build_task and prints, every --every steps, accuracies by kind on fixed
+    samples; the kinds are those of easy-VQA's questions (negated ones included)."""
+    from mm_moe.data import world_files, write_world
+
+    spec = importlib.util.spec_from_file_location("easyvqa_curves", ROOT / "benchmarks" / "easyvqa_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, curves)
+    spec.loader.exec_module(curves)
+    assert curves.kind("is there not a red shape?", "yes") == "yn_color"
+    assert curves.kind("does the image contain a circle?", "no") == "yn_shape"
+    assert curves.kind("what is the blue shape?", "rectangle") == "open_shape"
+    assert curves.kind("what color is the shape?", "teal") == "open_color"
+    world = tmp_path / "world"
+    write_world(world, n_train=40, n_val=8, n_test=4, n_pairs_train=4, n_pairs_dev=4, size=32, shard_count=2)
+    files = [f"{k}={v}" for k, v in world_files(world).items() if k.startswith("data.vqa_")]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "easyvqa_curves.py"), "--every", "2", "--sample", "30",
+           "train.steps=4", "train.batch_size=4", *files]
+    lines = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert set(r["val"]) >= {"all", "open_color", "open_shape"} and 0 <= r["val"]["all"] <= 100
+        assert math.isfinite(r["loss"])

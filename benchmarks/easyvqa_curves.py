@@ -1,0 +1,118 @@
+"""Learning curves of VQA fine-tuning by question kind: which skill the model has learnt, and when.
+
+    python benchmarks/easyvqa_curves.py --every 500 optim.layer_decay=1.0        # the easy-VQA recipe
+    python benchmarks/easyvqa_curves.py --init runs/demo/pretrain train.steps=3000
+
+Trains as `train_mm.py finetune vqa` does (build_task's model, loader and loss; build_optimizer and
+build_schedule; gradient clipping) from a config (default configs/finetune_vqa_easyvqa.yaml) plus `key=value`
+overrides, and every `--every` steps prints the accuracy (exact match: easy-VQA's ten answers are one answer
+repeated) on a fixed sample of validation questions by kind: open questions whose answer is a colour or a shape,
+and yes/no questions that name a colour or a shape; plus the open-shape accuracy on as many training questions,
+to tell under-fitting from over-fitting. Not a benchmark of speed: no checkpoints, no resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mm_moe.config import RunConfig, load_config
+from mm_moe.data import VQADataset, eval_transform, load_tokenizer
+from mm_moe.engine import build_optimizer, build_schedule, build_task
+from mm_moe.engine.checkpoint import init_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+
+
+def kind(question: str, answer: str) -> str:
+    """open_color / open_shape by the answer; yn_color / yn_shape by whether the question names a colour."""
+    if answer in ("yes", "no"):
+        return "yn_color" if COLOURS & set(question.rstrip("?").split()) else "yn_shape"
+    return "open_color" if answer in COLOURS else "open_shape"
+
+
+class Probe:
+    """A fixed random sample of one split's questions, scored by kind."""
+
+    def __init__(self, questions: str, annotations: str, images: str, tokenizer, img_size: int, max_len: int,
+                 n: int) -> None:
+        self.ds = VQADataset(questions, images, tokenizer, eval_transform(img_size), max_text_len=max_len)
+        answers = {a["question_id"]: a["multiple_choice_answer"]
+                   for a in json.loads(Path(annotations).read_text())["annotations"]}
+        self.idx = random.Random(0).sample(range(len(self.ds)), min(n, len(self.ds)))
+        self.truth = {q["question_id"]: (answers[q["question_id"]], kind(q["question"], answers[q["question_id"]]))
+                      for q in self.ds.questions}
+
+    @torch.no_grad()
+    def score(self, model: torch.nn.Module, answers: list[str]) -> dict[str, float]:
+        model.eval()
+        hits: dict[str, list[bool]] = defaultdict(list)
+        for i in range(0, len(self.idx), 100):
+            b = self.ds.collate([self.ds[j] for j in self.idx[i:i + 100]])
+            pred = model(b["images"], b["text_ids"], b["text_padding"]).logits.argmax(1).tolist()
+            for qid, p in zip(b["question_ids"], pred, strict=True):
+                answer, k = self.truth[qid]
+                hits[k].append(answers[p] == answer)
+        model.train()
+        every = [h for v in hits.values() for h in v]
+        return {"all": round(100 * sum(every) / len(every), 1),
+                **{k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "finetune_vqa_easyvqa.yaml"))
+    p.add_argument("--init", help="checkpoint whose encoder to start from (as train_mm.py --init)")
+    p.add_argument("--every", type=int, default=500)
+    p.add_argument("--sample", type=int, default=1500, help="questions scored per split")
+    p.add_argument("overrides", nargs="*", help="config key=value")
+    args = p.parse_args(argv)
+    cfg = load_config(RunConfig, args.config, ["task=vqa", *args.overrides])
+    tok = load_tokenizer(cfg.model.tokenizer)
+    task = build_task(cfg, tok)
+    model = task.model
+    if args.init:
+        init_encoder(model, args.init)
+    torch.manual_seed(cfg.train.seed)
+    opt = build_optimizer(model, cfg.optim)
+    schedule = build_schedule(opt, cfg.optim, cfg.train.steps)
+    d, m = cfg.data, cfg.model
+    probes = {"val": Probe(d.vqa_val_questions, d.vqa_val_annotations, d.vqa_images, tok, m.img_size, m.max_text_len,
+                           args.sample),
+              "train": Probe(d.vqa_train_questions, d.vqa_train_annotations, d.vqa_images, tok, m.img_size,
+                             m.max_text_len, args.sample)}
+    answers = task.answer_vocab.answers
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    model.train()
+    while step < cfg.train.steps:
+        for batch in task.loader(epoch):
+            loss = task.loss_fn(model, batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            schedule.step()
+            step += 1
+            if step % args.every == 0 or step == cfg.train.steps:
+                print(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss.item(), 3),
+                                  "val": probes["val"].score(model, answers),
+                                  "train_open_shape": probes["train"].score(model, answers).get("open_shape")}),
+                      flush=True)
+            if step == cfg.train.steps:
+                break
+        epoch += 1
+
+
+if __name__ == "__main__":
+    main()
