@@ -1,14 +1,14 @@
 """Learning curves of VQA fine-tuning by question kind: which skill the model has learnt, and when.
 
-    python benchmarks/easyvqa_curves.py --every 500 optim.layer_decay=1.0        # the easy-VQA recipe
+    python benchmarks/easyvqa_curves.py                                          # the easy-VQA recipe
     python benchmarks/easyvqa_curves.py --init runs/demo/pretrain train.steps=3000
 
-Trains as `train_mm.py finetune vqa` does (build_task's model, loader and loss; build_optimizer and
-build_schedule; gradient clipping) from a config (default configs/finetune_vqa_easyvqa.yaml) plus `key=value`
-overrides, and every `--every` steps prints the accuracy (exact match: easy-VQA's ten answers are one answer
-repeated) on a fixed sample of validation questions by kind: open questions whose answer is a colour or a shape,
-and yes/no questions that name a colour or a shape; plus the open-shape accuracy on as many training questions,
-to tell under-fitting from over-fitting. Not a benchmark of speed: no checkpoints, no resume.
+Trains as `train_mm.py finetune vqa` does (the seed, build_task, `--init`, then the Trainer's own steps) from a
+config (default configs/finetune_vqa_easyvqa.yaml) plus `key=value` overrides, and every `--every` steps prints the
+accuracy (exact match: easy-VQA's ten answers are one answer repeated) on a fixed sample of validation questions by
+kind: open questions whose answer is a colour or a shape, and yes/no questions that name a colour or a shape; plus
+the open-shape accuracy on as many training questions, to tell under-fitting from over-fitting. Not a benchmark of
+speed: no checkpoints, no resume.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mm_moe.config import RunConfig, load_config
 from mm_moe.data import VQADataset, eval_transform, load_tokenizer
-from mm_moe.engine import build_optimizer, build_schedule, build_task
+from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import init_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,41 +78,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample", type=int, default=1500, help="questions scored per split")
     p.add_argument("overrides", nargs="*", help="config key=value")
     args = p.parse_args(argv)
-    cfg = load_config(RunConfig, args.config, ["task=vqa", *args.overrides])
-    tok = load_tokenizer(cfg.model.tokenizer)
-    task = build_task(cfg, tok)
-    model = task.model
-    if args.init:
-        init_encoder(model, args.init)
-    torch.manual_seed(cfg.train.seed)
-    opt = build_optimizer(model, cfg.optim)
-    schedule = build_schedule(opt, cfg.optim, cfg.train.steps)
-    d, m = cfg.data, cfg.model
-    probes = {"val": Probe(d.vqa_val_questions, d.vqa_val_annotations, d.vqa_images, tok, m.img_size, m.max_text_len,
-                           args.sample),
-              "train": Probe(d.vqa_train_questions, d.vqa_train_annotations, d.vqa_images, tok, m.img_size,
-                             m.max_text_len, args.sample)}
-    answers = task.answer_vocab.answers
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    model.train()
-    while step < cfg.train.steps:
-        for batch in task.loader(epoch):
-            loss = task.loss_fn(model, batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            schedule.step()
-            step += 1
-            if step % args.every == 0 or step == cfg.train.steps:
-                print(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss.item(), 3),
-                                  "val": probes["val"].score(model, answers),
-                                  "train_open_shape": probes["train"].score(model, answers).get("open_shape")}),
+    with tempfile.TemporaryDirectory() as run_dir:  # the trainer's config, metrics; no checkpoints are written
+        cfg = load_config(RunConfig, args.config, ["task=vqa", *args.overrides, f"run_dir={run_dir}"])
+        torch.manual_seed(cfg.train.seed)  # as train_mm.py: before the model is built
+        tok = load_tokenizer(cfg.model.tokenizer)
+        task = build_task(cfg, tok)
+        if args.init:
+            init_encoder(task.model, args.init)
+        trainer = Trainer(task, cfg)
+        d, m = cfg.data, cfg.model
+        probes = {split: Probe(questions, annotations, d.vqa_images, tok, m.img_size, m.max_text_len, args.sample)
+                  for split, questions, annotations in (("val", d.vqa_val_questions, d.vqa_val_annotations),
+                                                        ("train", d.vqa_train_questions, d.vqa_train_annotations))}
+        answers = task.answer_vocab.answers
+        batches, t0 = trainer._batches(), time.perf_counter()
+        trainer.model.train()
+        while trainer.step < cfg.train.steps:
+            sums, _ = trainer.train_step(batches)
+            if trainer.step % args.every == 0 or trainer.step == cfg.train.steps:
+                print(json.dumps({"step": trainer.step, "seconds": round(time.perf_counter() - t0),
+                                  "loss": round(sums["loss"], 3), "val": probes["val"].score(task.model, answers),
+                                  "train_open_shape": probes["train"].score(task.model, answers).get("open_shape")}),
                       flush=True)
-            if step == cfg.train.steps:
-                break
-        epoch += 1
 
 
 if __name__ == "__main__":

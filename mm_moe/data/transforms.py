@@ -36,11 +36,12 @@ def train_transform(img_size: int, min_scale: float = 0.5, dihedral: bool = Fals
     depend on orientation (easy-VQA: 8x the views of its 4,000 training images)."""
     size = v2.Resize((img_size, img_size), antialias=True) if min_scale == 1 else \
         v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)
-    turns = [v2.RandomHorizontalFlip(), v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
+    turns = [v2.RandomHorizontalFlip(), v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])] \
+        if dihedral else []
     return v2.Compose([
         v2.ToImage(),
         size,
-        *(turns if dihedral else []),
+        *turns,
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])
