@@ -6,7 +6,8 @@ MH-MoE (mhmoe_matched) h=4, top-2 (all GELU, so the FLOPs really match). A step 
 pretraining step (MLM, MIM and VLM passes, backward, AdamW). Models are timed interleaved, round after round,
 in one run; ratios are to the dense model. "saved for backward" is what the step's forward passes keep for
 backward (counted exactly with saved_tensors_hooks, parameters excluded): the step's activation memory. On a
-GPU the table adds model FLOPs utilisation (bf16 peak).
+GPU the table adds model FLOPs utilisation: the step's matmul FLOPs (torch's counter, grouped matmuls included)
+over the bf16 dense peak.
 
     python benchmarks/bench_train.py                    # tiny and base on CPU
     python benchmarks/bench_train.py --sizes base --depth 4 --batch 4   # base width, 4 layers (a CPU run)
@@ -28,6 +29,7 @@ from mm_moe.constants import IGNORE_INDEX
 from mm_moe.engine import SavedForBackward, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
 from mm_moe.moe import matched_variants
+from mm_moe.moe.experts import FLOP_FORMULAS
 
 VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
@@ -61,12 +63,17 @@ def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool) ->
     return time.perf_counter() - t0
 
 
-def saved_bytes(model, loss_fn, b: dict, amp: bool) -> int:
-    """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded."""
-    with SavedForBackward(exclude=model.parameters()) as saved, \
-            torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
-        loss_fn(model, b)
-    return saved.bytes
+def saved_and_flops(model, loss_fn, b: dict, amp: bool) -> tuple[int, int]:
+    """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded; and
+    the step's matmul FLOPs, forward and backward (torch's counter, grouped matmuls included)."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter:
+        with SavedForBackward(exclude=model.parameters()) as saved, \
+                torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+            out = loss_fn(model, b)
+        out.loss.backward()  # frees the graph, which the MoE layers' stored aux losses would otherwise keep alive
+    model.zero_grad(set_to_none=True)
+    return saved.bytes, counter.get_total_flops()
 
 
 def main() -> None:
@@ -109,18 +116,16 @@ def main() -> None:
             for name in order:
                 times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
         dense_t = statistics.median(times["dense"])
-        saved = {name: saved_bytes(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
+        measured = {name: saved_and_flops(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
+        dense_saved = measured["dense"][0]
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved[name] / 2**20:.0f} MB | "
-                   f"{saved[name] / saved['dense']:.2f}x |")
+            saved, flops = measured[name]
+            row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved / 2**20:.0f} MB | "
+                   f"{saved / dense_saved:.2f}x |")
             if peak:
-                counter = FlopCounterMode(display=False)
-                with counter, torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss_fn(model, b).loss.backward()
-                row += f" {100 * counter.get_total_flops() / t / peak:.1f}% |"
-                model.zero_grad(set_to_none=True)
+                row += f" {100 * flops / t / peak:.1f}% |"
             print(row, flush=True)
         runs.clear()
 

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, matched_variants, mhmoe_matched
+from mm_moe.moe.experts import FLOP_FORMULAS
 
 CONFIGS = {
     "dense": FFNConfig(kind="dense", hidden=48),
@@ -45,6 +46,24 @@ def test_flops_equal_torch_flop_counter(name):
     with counter:
         layer(torch.randn(tokens, D))
     assert counter.get_total_flops() == ffn_cost(cfg, D).flops * tokens
+
+
+@pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c.kind != "dense"])
+def test_grouped_mm_flops_equal_the_per_expert_mm_count(name):
+    """With FLOP_FORMULAS, torch's counter sees grouped matmuls (forward and both gradients) as the per-expert mm
+    calls they replace, which torch's own mm formula counts; without it, it would count them as 0."""
+    counts = {}
+    for dispatch in ("loop", "grouped_mm"):
+        torch.manual_seed(0)
+        layer = build_ffn(dataclasses.replace(CONFIGS[name], dispatch=dispatch), D)
+        x = torch.randn(10, D, requires_grad=True)
+        counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+        with counter:
+            layer(x).sum().backward()
+        counts[dispatch] = counter.get_flop_counts()["Global"]
+    assert counts["grouped_mm"][torch.ops.aten._grouped_mm] > 0
+    assert torch.ops.aten._grouped_mm not in counts["loop"]
+    assert sum(counts["grouped_mm"].values()) == sum(counts["loop"].values())
 
 
 def test_mhmoe_worked_examples_from_reference():

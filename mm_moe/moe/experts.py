@@ -147,6 +147,18 @@ class BlockMM:
         return torch.stack([ai.t() @ gi for ai, gi in zip(a.split(self.sizes), g.split(self.sizes), strict=True)])
 
 
+def grouped_mm_flops(a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm as BlockMM calls it (a[N, i] x w[E, i, o], or a^T[i, N] x g[N, o] for the weight
+    gradient): 2 * N * i * o either way. torch's FlopCounterMode has no formula for it and would count 0."""
+    if len(a_shape) != 2:
+        raise ValueError(f"grouped_mm_flops: expected a 2-D first operand, got shape {tuple(a_shape)}")
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+FLOP_FORMULAS = {torch.ops.aten._grouped_mm: grouped_mm_flops}
+"""custom_mapping for torch.utils.flop_counter.FlopCounterMode, so MoE layers' grouped matmuls are counted."""
+
+
 def _bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> Tensor:
     # index_select, not bias[rows]: its backward is one index_add, not a serial accumulating index_put
     return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
