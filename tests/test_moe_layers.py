@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from moe_reference import REFERENCES, dense_ffn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.engine import SavedForBackward
 from mm_moe.moe import build_ffn
-from mm_moe.moe.experts import GroupedExperts
+from mm_moe.moe.experts import GroupedExperts, count_ids
 from mm_moe.moe.layers import DenseFFN
 
 D = 32
@@ -95,6 +98,46 @@ def test_capacity_dropping_matches_reference(variant):
     # kept + dropped = every valid (token, choice) assignment of every group
     kept = int(stats.counts.sum())
     assert kept + int(stats.num_dropped) == int(stats.num_tokens) * cfg.top_k * stats.num_groups
+
+
+def test_count_ids_equals_bincount_of_the_kept_ids():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 7, (50, 3), generator=g)
+    mask = torch.rand(50, 3, generator=g) < 0.7
+    for m in (None, mask):
+        kept = ids[(ids >= 0) if m is None else (ids >= 0) & m]
+        assert count_ids(ids, 9, m).tolist() == torch.bincount(kept, minlength=9).tolist()
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten ops that read device memory back to the host (on CUDA, each stalls the stream)."""
+
+    READS: ClassVar[set[str]] = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique", "_unique2",
+                                 "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.READS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", list(KINDS))
+def test_one_host_read_per_routed_group(variant):
+    """Forward and backward read the device back once per routed group (how many rows its experts get): routing,
+    counts, stats and losses stay on the device, so a GPU step does not stall on them."""
+    cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, dispatch="grouped_mm", **KINDS[variant])
+    layer = build_ffn(cfg, D).train()
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    x = torch.randn(2, 5, D, requires_grad=True)
+    with HostReads() as reads:
+        (layer(x, padding_mask=pad).sum() + layer.aux_loss).backward()
+    assert reads.ops == ["_local_scalar_dense"] * (2 if cfg.kind == "cartesian" else 1)
 
 
 def test_dense_ffn_matches_reference():

@@ -36,6 +36,14 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def count_ids(ids: Tensor, n: int, mask: Tensor | None = None) -> Tensor:
+    """Long[n]: how often each id in [0, n) occurs in ids (negative ids, and those where mask is False, not counted).
+    What torch.bincount does, without its host synchronisation on CUDA (it reads the largest id back)."""
+    ids = ids.reshape(-1)
+    keep = ids >= 0 if mask is None else (ids >= 0) & mask.reshape(-1)
+    return ids.new_zeros(n).scatter_add_(0, ids.clamp_min(0), keep.long())
+
+
 def grouped_mm_applies(device: torch.device, dtype: torch.dtype, *row_sizes: int) -> bool:
     """Whether torch._grouped_mm runs for this device/dtype with rows of these sizes."""
     if not hasattr(torch, "_grouped_mm"):
@@ -284,8 +292,8 @@ def dispatch(expert_idx: Tensor, num_experts: int) -> Dispatch:
     flat = expert_idx.reshape(-1)  # [T*k]
     key = torch.where(flat < 0, num_experts, flat)  # skipped assignments sort last
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-    order = order[:int(counts.sum())]
+    counts = count_ids(flat, num_experts)
+    order = order[:int(counts.sum())]  # the one host synchronisation: how many rows the experts get
     return Dispatch(order, order // k, counts)
 
 

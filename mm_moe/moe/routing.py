@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm_moe.config import FFNConfig
+from mm_moe.moe.experts import count_ids
 
 
 @dataclass
@@ -31,7 +32,7 @@ class RouterOutput:
 
 def expert_counts(expert_idx: Tensor, valid: Tensor, num_experts: int) -> Tensor:
     """f32[E]: how often valid tokens chose each expert in expert_idx Long[T, j] (j = 1: first choices)."""
-    return torch.bincount(expert_idx[valid].flatten(), minlength=num_experts).float()
+    return count_ids(expert_idx, num_experts, valid[:, None].expand_as(expert_idx)).float()
 
 
 def balance_loss(probs: Tensor, top1: Tensor, valid: Tensor, counts: Tensor | None = None) -> Tensor:

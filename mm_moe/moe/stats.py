@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mm_moe.moe.experts import count_ids
 from mm_moe.moe.routing import RouterOutput
 
 ACTIVE_SHARE = 0.1
@@ -33,8 +34,7 @@ class RoutingStats:
         """Statistics of one routing decision."""
         idx = out.expert_idx.detach()
         num_experts = out.probs.shape[-1]
-        kept = idx[idx >= 0]
-        counts = torch.bincount(kept, minlength=num_experts)[None]  # [1, E]
+        counts = count_ids(idx, num_experts)[None]  # [1, E]
         probs = out.probs.detach()
         entropy = -torch.xlogy(probs, probs).sum(-1)  # [T]
         return cls(
@@ -52,14 +52,14 @@ class RoutingStats:
         ea, eb = a.probs.shape[-1], b.probs.shape[-1]
         ia, ib = a.expert_idx.detach(), b.expert_idx.detach()
         both = (ia[:, :, None] >= 0) & (ib[:, None, :] >= 0)  # [T, kA, kB]
-        pair = (ia[:, :, None] * eb + ib[:, None, :])[both]
+        pair = ia[:, :, None] * eb + ib[:, None, :]
         return cls(
             counts=torch.cat([sa.counts, sb.counts]),
             num_tokens=sa.num_tokens,
             top_k=sa.top_k,
             num_dropped=sa.num_dropped + sb.num_dropped,
             entropy_sum=sa.entropy_sum + sb.entropy_sum,
-            pair_counts=torch.bincount(pair, minlength=ea * eb).reshape(ea, eb),
+            pair_counts=count_ids(pair, ea * eb, both).reshape(ea, eb),
         )
 
     def merge(self, other: RoutingStats) -> RoutingStats:
