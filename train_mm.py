@@ -65,7 +65,7 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     import torch
 
     from mm_moe.data import load_tokenizer
-    from mm_moe.engine import Trainer, build_task, init_distributed, latest_checkpoint
+    from mm_moe.engine import Trainer, build_task, finish_distributed, init_distributed, latest_checkpoint
     from mm_moe.engine.checkpoint import CheckpointError, init_encoder
 
     info = init_distributed()
@@ -89,6 +89,7 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     trainer.fit()
     if info.is_main and trainer.scores:
         print(json.dumps(trainer.scores, indent=2))
+    finish_distributed()
 
 
 def init_summary(path: str, report: dict[str, list[str]]) -> str:

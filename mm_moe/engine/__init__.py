@@ -2,7 +2,7 @@
 optimizer and schedule, metric logging."""
 
 from mm_moe.engine.checkpoint import latest_checkpoint, list_checkpoints, load_run_config, load_weights, resolve_checkpoint
-from mm_moe.engine.distributed import DistInfo, gradient_sync, init_distributed, wrap_model
+from mm_moe.engine.distributed import DistInfo, finish_distributed, gradient_sync, init_distributed, wrap_model
 from mm_moe.engine.memory import SavedForBackward, keep_freed_memory
 from mm_moe.engine.metrics import MetricsLogger, plot_curves, read_metrics
 from mm_moe.engine.optim import build_optimizer, build_schedule
@@ -10,7 +10,7 @@ from mm_moe.engine.tasks import build_finetune, build_pretrain, build_task, enco
 from mm_moe.engine.trainer import Task, Trainer
 
 __all__ = [
-    "DistInfo", "init_distributed", "wrap_model", "gradient_sync", "keep_freed_memory", "SavedForBackward",
+    "DistInfo", "init_distributed", "finish_distributed", "wrap_model", "gradient_sync", "keep_freed_memory", "SavedForBackward",
     "Task", "Trainer", "build_task", "build_pretrain", "build_finetune", "pretrain_loss", "encoder_tokens",
     "build_optimizer", "build_schedule", "MetricsLogger", "plot_curves", "read_metrics",
     "load_run_config", "load_weights", "resolve_checkpoint", "latest_checkpoint", "list_checkpoints",

@@ -45,10 +45,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():  # NCCL bound to this rank's GPU, so its barriers need not guess the device
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def finish_distributed() -> None:
+    """Leave the process group at the end of a run (NCCL warns of leaked resources otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
