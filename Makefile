@@ -28,7 +28,8 @@ bench: $(STAMP)
 # on a CUDA machine: MoE layers in bf16 (torch._grouped_mm on sm90+), the training step with model FLOPs utilisation
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_moe.py --device cuda --peers grouped_mm torchscale
-	$(BIN)/python benchmarks/bench_train.py --sizes tiny base
+	$(BIN)/python benchmarks/bench_moe.py --device cuda --sweep --plot docs/bench_moe_sweep_gpu.png
+	$(BIN)/python benchmarks/bench_train.py --sizes tiny base --batch 256 64 --rounds 10
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check mm_moe tests benchmarks data *.py
