@@ -2,6 +2,7 @@
 
     python benchmarks/easyvqa_curves.py                                          # the easy-VQA recipe
     python benchmarks/easyvqa_curves.py --init runs/demo/pretrain train.steps=3000
+    python benchmarks/easyvqa_curves.py --variant dense                          # a matched FFN variant instead
 
 Trains as `train_mm.py finetune vqa` does (the seed, build_task, `--init`, then the Trainer's own steps) from a
 config (default configs/finetune_vqa_easyvqa.yaml) plus `key=value` overrides, and every `--every` steps prints the
@@ -25,11 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import VARIANTS
+from compare_variants import base_model, model_overrides
 
 from mm_moe.config import RunConfig, load_config
 from mm_moe.data import VQADataset, eval_transform, load_tokenizer
 from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import init_encoder
+from mm_moe.moe import matched_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
@@ -76,8 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", help="checkpoint whose encoder to start from (as train_mm.py --init)")
     p.add_argument("--every", type=int, default=500)
     p.add_argument("--sample", type=int, default=1500, help="questions scored per split")
+    p.add_argument("--variant", choices=VARIANTS,
+                   help="the tiny model with this matched FFN variant (as compare_variants.py), not the config's model")
     p.add_argument("overrides", nargs="*", help="config key=value")
     args = p.parse_args(argv)
+    if args.variant:
+        base = base_model()
+        moe = matched_variants(base.d_model, base.ffn.hidden, subln=True)[args.variant]
+        args.overrides = [*model_overrides(moe), *args.overrides]
     with tempfile.TemporaryDirectory() as run_dir:  # the trainer's config, metrics; no checkpoints are written
         cfg = load_config(RunConfig, args.config, ["task=vqa", *args.overrides, f"run_dir={run_dir}"])
         torch.manual_seed(cfg.train.seed)  # as train_mm.py: before the model is built

@@ -189,7 +189,7 @@ def test_easyvqa_curves_scores_by_question_kind(tmp_path, monkeypatch):
     write_world(world, n_train=40, n_val=8, n_test=4, n_pairs_train=4, n_pairs_dev=4, size=32, shard_count=2)
     files = [f"{k}={v}" for k, v in world_files(world).items() if k.startswith("data.vqa_")]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "easyvqa_curves.py"), "--every", "2", "--sample", "30",
-           "train.steps=4", "train.batch_size=4", *files]
+           "--variant", "smoe", "train.steps=4", "train.batch_size=4", *files]
     lines = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["step"] for r in rows] == [2, 4]
