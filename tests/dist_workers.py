@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mm_moe.config import BEiT3Config, FFNConfig, OptimConfig, RunConfig, TrainConfig
 from mm_moe.engine import DistInfo, Task, Trainer
@@ -20,10 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(rank: int, world: int, port: int) -> None:
+def spawn(worker: Callable[[int, int, str], None], world: int, out_dir: str) -> None:
+    """Run `worker(rank, world, out_dir)` in `world` gloo processes; each leaves its process group before exiting
+    (a gloo group still alive at interpreter exit aborts the process now and then: SIGABRT, seen in CI)."""
+    mp.spawn(_in_group, args=(worker, world, free_port(), out_dir), nprocs=world, join=True)
+
+
+def _in_group(rank: int, worker: Callable[[int, int, str], None], world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, out_dir)
+    finally:
+        dist.destroy_process_group()
 
 
 def tiny_vqa(moe: bool) -> BEiT3ForVQA:
@@ -41,9 +53,8 @@ def global_batch():
             torch.rand(8, 5, generator=g))
 
 
-def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str) -> None:
+def expert_parallel_matches_local(rank: int, world: int, out_dir: str) -> None:
     """The expert-parallel layer gives the local layer's outputs and gradients."""
-    init(rank, world, port)
     torch.manual_seed(0)
     full = GroupedExperts(4, 16, 8, "swiglu", bias=True, subln=True)
     torch.manual_seed(10 + rank)  # each rank has its own tokens and routing
@@ -73,7 +84,6 @@ def expert_parallel_matches_local(rank: int, world: int, port: int, out_dir: str
                 "w_grad_err": (w.grad - ref_w_grad).abs().max(),
                 "param_grad_err": max((local_grads[n] - g[rank * e_local:(rank + 1) * e_local]).abs().max()
                                       for n, g in ref_param_grads.items())}, f"{out_dir}/ep{rank}.pt")
-    dist.destroy_process_group()
 
 
 def accumulation_run(run_dir: str, grad_accum: int, world: int, rank: int) -> Trainer:
@@ -95,11 +105,10 @@ def accumulation_run(run_dir: str, grad_accum: int, world: int, rank: int) -> Tr
     return Trainer(task, cfg, DistInfo(rank, world))
 
 
-def accumulation_syncs_once_per_step(rank: int, world: int, port: int, out_dir: str) -> None:
+def accumulation_syncs_once_per_step(rank: int, world: int, out_dir: str) -> None:
     """DDP through the Trainer: count gradient all-reduces with grad_accum 1 and 2; save the weights."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    init(rank, world, port)
     calls = {}
     for accum in (1, 2):
         trainer = accumulation_run(f"{out_dir}/accum{accum}", accum, world, rank)
@@ -113,13 +122,11 @@ def accumulation_syncs_once_per_step(rank: int, world: int, port: int, out_dir: 
         model = trainer.fit()
         if rank == 0:
             torch.save({"state": model.state_dict(), "calls": calls[accum]}, f"{out_dir}/accum{accum}.pt")
-    dist.destroy_process_group()
 
 
-def balancing_on_two_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
+def balancing_on_two_ranks(rank: int, world: int, out_dir: str) -> None:
     """One training forward of a global-balance, bias-balanced MoE layer on this rank's half of a batch, the
     aux-loss gradients averaged as DDP does, then the router update; saves what one process must reproduce."""
-    init(rank, world, port)
     layer = balancing_layer()
     x = balancing_batch()
     half = x.shape[0] // world

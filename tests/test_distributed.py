@@ -21,7 +21,6 @@ from pathlib import Path
 import dist_workers
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from mm_moe.config import RunConfig, load_config
@@ -232,8 +231,7 @@ def test_sigkill_during_a_sharded_checkpoint_write_loses_nothing(runs, tmp_path)
 
 @pytest.mark.slow
 def test_expert_parallel_matches_local_experts(tmp_path):
-    mp.spawn(dist_workers.expert_parallel_matches_local, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
-             nprocs=WORLD, join=True)
+    dist_workers.spawn(dist_workers.expert_parallel_matches_local, WORLD, str(tmp_path))
     for rank in range(WORLD):
         errs = torch.load(tmp_path / f"ep{rank}.pt", weights_only=True)
         for key, err in errs.items():
@@ -244,8 +242,7 @@ def test_expert_parallel_matches_local_experts(tmp_path):
 def test_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tmp_path):
     """Through the Trainer under DDP (2 gloo processes): with 2 micro-steps per step gradients are all-reduced
     as often as with 1 (no_sync on the first), and the weights equal a single process's on the global batch."""
-    mp.spawn(dist_workers.accumulation_syncs_once_per_step, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
-             nprocs=WORLD, join=True)
+    dist_workers.spawn(dist_workers.accumulation_syncs_once_per_step, WORLD, str(tmp_path))
     one, two = (torch.load(tmp_path / f"accum{a}.pt", weights_only=True) for a in (1, 2))
     assert one["calls"] > 0 and two["calls"] == one["calls"]
     torch.set_num_threads(1)
@@ -257,8 +254,7 @@ def test_gradient_accumulation_syncs_once_per_step_and_matches_one_process(tmp_p
 def test_global_balance_and_bias_updates_on_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     """The global-batch balance loss of 2 ranks (f over both, P each rank's own, averaged as DDP averages) is the
     one-process loss of the whole batch, with the same router gradients; the aux-loss-free biases move alike."""
-    mp.spawn(dist_workers.balancing_on_two_ranks, args=(WORLD, dist_workers.free_port(), str(tmp_path)),
-             nprocs=WORLD, join=True)
+    dist_workers.spawn(dist_workers.balancing_on_two_ranks, WORLD, str(tmp_path))
     layer = dist_workers.balancing_layer()
     layer(dist_workers.balancing_batch())
     layer.aux_loss.backward()

@@ -147,4 +147,4 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
+__all__ = ["DistInfo", "init_distributed", "finish_distributed", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
