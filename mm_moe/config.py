@@ -186,6 +186,9 @@ class BEiT3Config:
     """Input image side in pixels."""
     patch_size: PosInt = 16
     """Patch side in pixels."""
+    vision_stem: Literal["patch", "conv"] = "patch"
+    """patch: one linear map per patch (BEiT-3); conv: log2(patch_size) stride-2 3x3 convolutions (Xiao et al. 2021),
+    which learn shapes from few images faster (easy-VQA); released BEiT-3 weights need patch."""
     in_chans: PosInt = 3
     """Image channels."""
     vocab_size: PosInt = 30522
@@ -225,6 +228,8 @@ class BEiT3Config:
             raise ConfigError(f"heads: expected a divisor of d_model={self.d_model}, got {self.heads}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"patch_size: expected a divisor of img_size={self.img_size}, got {self.patch_size}")
+        if self.vision_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"patch_size: vision_stem=conv expects a power of two >= 2, got {self.patch_size}")
         moe_layer_ids(self.depth, self.moe_layers)
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from mm_moe.config import FFNConfig, load_config, moe_layer_ids
+from mm_moe.config import ConfigError, FFNConfig, load_config, moe_layer_ids
 from mm_moe.model import (
     BEiT3,
     BEiT3Config,
@@ -19,6 +19,7 @@ from mm_moe.model import (
     caption_mask,
     upcycle,
 )
+from mm_moe.model.embed import VisionEmbedding
 from mm_moe.model.heads import normalized_pixel_target, patchify
 from mm_moe.moe.layers import MoELayer
 
@@ -280,3 +281,43 @@ def test_ffn_norms_use_the_model_eps():
     assert dense.sub_norm.eps == 1e-6
     for group in (cart.group_a, cart.group_b):
         assert group.norm.eps == group.shared.sub_norm.eps == group.experts.eps == 1e-6
+
+
+def test_conv_stem_tokens_follow_the_patch_grid():
+    """Token i of the convolutional stem is patch i in PatchEmbed's row-major order: shifting the image one patch
+    down and right moves every token whose receptive field (15 px) stays inside the image by one row and column."""
+    torch.manual_seed(0)
+    stem = VisionEmbedding(64, 8, 3, 32, stem="conv").eval().patch_embed
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 16:40, 16:40] = torch.randn(1, 3, 24, 24)
+    shifted = torch.roll(image, shifts=(8, 8), dims=(2, 3))
+    tokens, moved = (stem(x).view(8, 8, 32) for x in (image, shifted))
+    torch.testing.assert_close(moved[2:, 2:], tokens[1:7, 1:7])
+    assert not torch.allclose(moved[2:, 2:], tokens[2:, 2:])
+
+
+def test_conv_stem_hides_masked_pixels():
+    """With a patch mask, no token sees the masked patches' pixels (the conv receptive fields overlap, so without
+    the mask a change there reaches the neighbours); masked tokens become the mask token."""
+    torch.manual_seed(0)
+    emb = VisionEmbedding(64, 8, 3, 32, stem="conv").eval()
+    image = torch.randn(1, 3, 64, 64)
+    changed = image.clone()
+    changed[..., 16:24, 24:32] += 3.0  # patch (2, 3) = token 19
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, 19] = True
+    torch.testing.assert_close(emb(changed, mask), emb(image, mask), atol=0, rtol=0)
+    torch.testing.assert_close(emb(image, mask)[0, 1 + 19], (emb.mask_token + emb.pos_embed[:, 1 + 19])[0, 0])
+    leaked = (emb(changed) - emb(image)).abs().amax(-1)[0, 1:].view(8, 8)
+    assert leaked[3, 3] > 0 and leaked[2, 4] > 0  # without the mask, tokens below and right see the change
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    with pytest.raises(ConfigError, match="vision_stem=conv expects a power of two >= 2, got 14"):
+        load_config(BEiT3Config, None, ["vision_stem=conv", "patch_size=14"])
+    model = BEiT3ForPretraining(tiny("mhmoe", vision_stem="conv"))
+    images, ids, padding = batch(2, 6)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    model(images, ids, padding, torch.tensor([[True, False, True, False]] * 2), labels).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "patch_embed" in n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -94,6 +95,8 @@ def test_unilm_prefix_and_unknown_keys():
     sd["beit3.encoder.layers.0.something.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="no rule for key"):
         BEiT3.from_torchscale(sd, ours_for(SMALL))
+    with pytest.raises(ValueError, match="patch stem; got vision_stem='conv'"):
+        BEiT3.from_torchscale(sd, dataclasses.replace(ours_for(SMALL), vision_stem="conv"))
 
 
 def test_base_parameter_count_equals_torchscale():

@@ -38,7 +38,7 @@ class BEiT3(nn.Module):
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEmbedding(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model)
+        self.vision = VisionEmbedding(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model, cfg.vision_stem)
         self.text = TextEmbedding(cfg.vocab_size, cfg.max_text_len, cfg.d_model)
         self.encoder = Encoder(cfg.d_model, cfg.depth, cfg.heads, cfg.ffn, cfg.moe, moe_layers=cfg.moe_layers,
                                moe_shared_branches=cfg.moe_shared_branches, subln=cfg.subln, drop_path=cfg.drop_path,
@@ -106,6 +106,8 @@ class BEiT3(nn.Module):
 
         Task-head keys of unilm checkpoints are ignored; any other unconverted or missing key is an error.
         """
+        if cfg.vision_stem != "patch":
+            raise ValueError(f"from_torchscale: released BEiT-3 weights have a patch stem; got vision_stem={cfg.vision_stem!r}")
         model = cls(cfg)
         converted = convert_torchscale_state_dict(state_dict)
         missing, unexpected = model.load_state_dict(converted, strict=False)

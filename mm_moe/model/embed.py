@@ -1,18 +1,44 @@
-"""Input embeddings: image patches (timm PatchEmbed) + [CLS] + absolute positions, text tokens + positions."""
+"""Input embeddings: image patches (timm PatchEmbed, or a convolutional stem) + [CLS] + absolute positions,
+text tokens + positions."""
 
 from __future__ import annotations
 
 import torch
 from timm.layers import PatchEmbed
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
+
+
+class ConvPatchEmbed(nn.Module):
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch) stride-2 3x3 convolutions
+    (BatchNorm + ReLU between them, channels doubling up to d_model) in place of one patch-sized linear map; same
+    tokens out, in PatchEmbed's row-major order. Pixels of masked patches are zeroed first, so that the
+    overlapping receptive fields of visible patches cannot see them."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, d_model: int) -> None:
+        super().__init__()
+        depth = patch_size.bit_length() - 1  # patch_size is a power of two (BEiT3Config checks)
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.stem = ConvStem(in_chans, depth=depth, channels=d_model, stride=(2,) * depth)
+
+    def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        """images[B, C, H, W], patch_mask Bool[B, N] (True: its pixels are hidden) -> [B, N, d]."""
+        if patch_mask is not None:
+            b, c, h, w = images.shape
+            p, g = self.patch_size, h // self.patch_size
+            keep = (~patch_mask).to(images.dtype).view(b, g, 1, g, 1)
+            images = (images.view(b, c, g, p, w // p, p) * keep.unsqueeze(1)).view(b, c, h, w)
+        return self.stem(images).flatten(2).transpose(1, 2)
 
 
 class VisionEmbedding(nn.Module):
     """Patches -> [CLS] + patch tokens with learned absolute positions; masked patches become a mask token."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, d_model: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, d_model: int, stem: str = "patch") -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, d_model)
+        self.conv_stem = stem == "conv"
+        self.patch_embed = (ConvPatchEmbed if self.conv_stem else PatchEmbed)(img_size, patch_size, in_chans, d_model)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d_model))
@@ -23,7 +49,7 @@ class VisionEmbedding(nn.Module):
 
     def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         """images[B, C, H, W], patch_mask Bool[B, num_patches] (True: replace by the mask token) -> [B, 1 + N, d]."""
-        x = self.patch_embed(images)  # [B, N, d]
+        x = self.patch_embed(images, patch_mask) if self.conv_stem else self.patch_embed(images)  # [B, N, d]
         if patch_mask is not None:
             w = patch_mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
