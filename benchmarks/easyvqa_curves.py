@@ -3,13 +3,17 @@
     python benchmarks/easyvqa_curves.py                                          # the easy-VQA recipe
     python benchmarks/easyvqa_curves.py --init runs/demo/pretrain train.steps=3000
     python benchmarks/easyvqa_curves.py --variant dense                          # a matched FFN variant instead
+    python benchmarks/easyvqa_curves.py --results runs/vqa_easyvqa/vqa_val_results.json   # score a run's answers
 
 Trains as `train_mm.py finetune vqa` does (the seed, build_task, `--init`, then the Trainer's own steps) from a
 config (default configs/finetune_vqa_easyvqa.yaml) plus `key=value` overrides, and every `--every` steps prints the
 accuracy (exact match: easy-VQA's ten answers are one answer repeated) on a fixed sample of validation questions by
 kind: open questions whose answer is a colour or a shape, and yes/no questions that name a colour or a shape; plus
 the open-shape accuracy on as many training questions, to tell under-fitting from over-fitting. Not a benchmark of
-speed: no checkpoints, no resume.
+speed: no checkpoints, no resume. `--results` scores a finished run's answers on the whole validation split
+instead, splitting each yes/no kind by whether the colour or shape it names is the image's (`+`) or not (`-`):
+a model that has not learnt to match the word with the image answers the `-` questions by their prior and
+misses the `+` ones.
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ def kind(question: str, answer: str) -> str:
     return "open_color" if answer in COLOURS else "open_shape"
 
 
+def named_is_present(question: str, answer: str) -> bool:
+    """Whether the colour or shape a yes/no question names is the image's: 'yes' unless the question says 'not'."""
+    return (answer == "yes") != ("not" in question.rstrip("?").split())
+
+
+def score_results(results: str, questions: str, annotations: str) -> dict[str, float]:
+    """Exact-match accuracy (official here: easy-VQA's ten answers are one answer repeated) of a VQA results file
+    by kind, yes/no kinds split into named-present (+) and named-absent (-)."""
+    predicted = {r["question_id"]: r["answer"] for r in json.loads(Path(results).read_text())}
+    answers = {a["question_id"]: a["multiple_choice_answer"]
+               for a in json.loads(Path(annotations).read_text())["annotations"]}
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for q in json.loads(Path(questions).read_text())["questions"]:
+        qid, answer = q["question_id"], answers[q["question_id"]]
+        if qid not in predicted:
+            raise KeyError(f"{results}: no answer for question {qid}")
+        k = kind(q["question"], answer)
+        if answer in ("yes", "no"):
+            k += "+" if named_is_present(q["question"], answer) else "-"
+        hits[k].append(predicted[qid] == answer)
+    every = [h for v in hits.values() for h in v]
+    return {"all": round(100 * sum(every) / len(every), 2),
+            **{k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}}
+
+
 class Probe:
     """A fixed random sample of one split's questions, scored by kind."""
 
@@ -84,8 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample", type=int, default=1500, help="questions scored per split")
     p.add_argument("--variant", choices=VARIANTS,
                    help="the tiny model with this matched FFN variant (as compare_variants.py), not the config's model")
+    p.add_argument("--results", help="score this VQA results file (a run's vqa_val_results.json) and exit")
     p.add_argument("overrides", nargs="*", help="config key=value")
     args = p.parse_args(argv)
+    if args.results:
+        d = load_config(RunConfig, args.config, ["task=vqa", *args.overrides]).data
+        print(json.dumps(score_results(args.results, d.vqa_val_questions, d.vqa_val_annotations)))
+        return
     if args.variant:
         base = base_model()
         moe = matched_variants(base.d_model, base.ffn.hidden, subln=True)[args.variant]

@@ -196,3 +196,30 @@ def test_easyvqa_curves_scores_by_question_kind(tmp_path, monkeypatch):
     for r in rows:
         assert set(r["val"]) >= {"all", "open_color", "open_shape"} and 0 <= r["val"]["all"] <= 100
         assert math.isfinite(r["loss"])
+
+
+def test_easyvqa_curves_scores_a_results_file_by_kind(tmp_path, monkeypatch):
+    """--results: exact match by kind on four hand-labelled questions, yes/no split by whether the named colour
+    or shape is the image's; the CLI reads the config's validation files; a missing answer is named."""
+    spec = importlib.util.spec_from_file_location("easyvqa_curves", ROOT / "benchmarks" / "easyvqa_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, curves)
+    spec.loader.exec_module(curves)
+    items = [("is there a red shape?", "yes", "yes"),  # red is the image's: yn_color+, right
+             ("is there not a red shape?", "yes", "no"),  # red is not the image's: yn_color-, wrong
+             ("does the image contain a circle?", "no", "no"),  # yn_shape-, right
+             ("what color is the shape?", "teal", "teal")]
+    questions, annotations, results = (tmp_path / n for n in ("q.json", "a.json", "r.json"))
+    questions.write_text(json.dumps({"questions": [{"question_id": i, "image_id": 0, "question": q}
+                                                   for i, (q, _, _) in enumerate(items)]}))
+    annotations.write_text(json.dumps({"annotations": [{"question_id": i, "multiple_choice_answer": a}
+                                                       for i, (_, a, _) in enumerate(items)]}))
+    results.write_text(json.dumps([{"question_id": i, "answer": p} for i, (_, _, p) in enumerate(items)]))
+    expected = {"all": 75.0, "open_color": 100.0, "yn_color+": 100.0, "yn_color-": 0.0, "yn_shape-": 100.0}
+    assert curves.score_results(str(results), str(questions), str(annotations)) == expected
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "easyvqa_curves.py"), "--results", str(results),
+           f"data.vqa_val_questions={questions}", f"data.vqa_val_annotations={annotations}"]
+    assert json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout) == expected
+    results.write_text(json.dumps([{"question_id": 0, "answer": "yes"}]))
+    with pytest.raises(KeyError, match=r"r\.json: no answer for question 1"):
+        curves.score_results(str(results), str(questions), str(annotations))
