@@ -114,6 +114,8 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
             continue
         init = [] if stage == "pretrain" else ["--init", str(run / "pretrain")]
         extra = [f"train.eval_every={max(1, steps // 4)}"] if stage == "vqa" else []
+        if stage == "easyvqa":  # the recipe's conv stem would not load the patch-stem pretraining
+            extra = ["model.vision_stem=patch"]
         code = train_mm.main([*head, *init, *common, *extra, f"train.steps={steps}", "--auto-resume",
                               f"run_dir={out}", *(f"{k}={v}" for k, v in data.items())])
         if code:
