@@ -62,7 +62,8 @@ KINDS = {
 
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
-@pytest.mark.parametrize("activation,bias,subln", [("gelu", True, True), ("swiglu", False, False)])
+@pytest.mark.parametrize("activation,bias,subln", [("gelu", True, True), ("swiglu", False, False),
+                                                   ("swiglu", False, True)])
 @pytest.mark.parametrize("variant", list(KINDS))
 def test_layer_matches_reference_with_padding(variant, activation, bias, subln, dispatch, recompute):
     cfg = FFNConfig(hidden=24, num_experts=6, top_k=2, activation=activation, bias=bias, subln=subln, dispatch=dispatch,

@@ -120,7 +120,7 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x)
         mm = BlockMM(counts, self._use_grouped_mm(x.device, dtype))
         n = x.shape[0] if rows is None else rows.shape[0]
-        needs_rows = self.b1 is not None or self.norm_w is not None
+        needs_rows = self.b1 is not None or self.b2 is not None or self.norm_w is not None
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
                                                 output_size=n) if needs_rows else None  # [N]
         params = (self.w1, self.w3, self.w2, self.b1, self.b3, self.b2, self.norm_w, self.norm_b)
@@ -172,17 +172,11 @@ def _bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> Tenso
     return h if bias is None else h + bias.to(h.dtype).index_select(0, expert_of_row)
 
 
-def _hidden(h: Tensor, gate: Tensor | None, e: Tensor | None, eps: float, b1: Tensor | None, b3: Tensor | None,
-            subln: bool, norm_w: Tensor | None = None, norm_b: Tensor | None = None) -> Tensor:
-    """The elementwise work between the two projections: biases, activation, sub-LN (with its per-expert affine
-    when norm_w / norm_b are given)."""
-    dtype = h.dtype
-    a = activate(_bias(h, b1, e), None if gate is None else _bias(gate, b3, e))
-    if subln:
-        a = F.layer_norm(a, a.shape[-1:], eps=eps).to(dtype)  # CUDA autocast runs layer_norm in fp32
-    if norm_w is not None:
-        a = _bias(a * norm_w.to(dtype).index_select(0, e), norm_b, e)
-    return a
+def _hidden(z: Tensor, gate: Tensor | None, eps: float, subln: bool) -> Tensor:
+    """The elementwise work between the two projections, after their biases: activation, then the sub-LN without
+    its affine (which the caller folds into W2 and the output bias)."""
+    a = activate(z, gate)
+    return F.layer_norm(a, a.shape[-1:], eps=eps).to(z.dtype) if subln else a  # CUDA autocast: layer_norm in fp32
 
 
 def _gather(x: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -197,64 +191,78 @@ def _project_out(mm: BlockMM, a: Tensor, w2: Tensor, b2: Tensor | None, e: Tenso
     return y if scale is None else y * scale.to(dtype)[:, None]
 
 
+def _fold_subln(w2: Tensor, b2: Tensor | None, norm_w: Tensor | None,
+                norm_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """W2 and the output bias with the sub-LN's per-expert affine folded in, exact since W2 is linear:
+    (n * w + b) W2 + b2 = n (w * W2) + (b W2 + b2). No [N, hidden] copy of the affine is gathered, applied or kept.
+    In the parameters' dtype, also under autocast, so that forward and the recomputing backward fold alike; b W2 as a
+    product and sum, not a matmul, so FLOP counters see only the per-token work."""
+    if norm_w is None:
+        return w2, b2
+    with torch.autocast(w2.device.type, enabled=False):
+        folded = (norm_b[:, :, None] * w2).sum(1)
+        return norm_w[:, :, None] * w2, folded if b2 is None else b2 + folded
+
+
 def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b) -> Tensor:
-    """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd.
-    The sub-LN's per-expert affine is folded into W2 and the output bias (exact: W2 is linear), so no [N, hidden]
-    copy of it is gathered, multiplied and kept: (n * w + b) W2 = n (w * W2) + b W2."""
+    """The expert FFNs over rows grouped by expert, y = (hidden(x W1) W2 + b2) * row weight, through autograd."""
     xs = _gather(x, rows, dtype)
-    gate = mm(xs, w3.to(dtype)) if w3 is not None else None
-    a = _hidden(mm(xs, w1.to(dtype)), gate, e, eps, b1, b3, subln=norm_w is not None)
-    if norm_w is not None:
-        folded_bias = torch.einsum("eh,ehd->ed", norm_b, w2)
-        b2 = folded_bias if b2 is None else b2 + folded_bias
-        w2 = norm_w[:, :, None] * w2
-    return _project_out(mm, a, w2, b2, e, scale, dtype)
+    gate = _bias(mm(xs, w3.to(dtype)), b3, e) if w3 is not None else None
+    a = _hidden(_bias(mm(xs, w1.to(dtype)), b1, e), gate, eps, norm_w is not None)
+    return _project_out(mm, a, *_fold_subln(w2, b2, norm_w, norm_b), e, scale, dtype)
 
 
 class _ExpertFFN(torch.autograd.Function):
     """`_expert_ffn`, keeping for backward only x (the caller's, not a gathered copy), the row indices and weights,
-    and the first projections h = x W1 (and the SwiGLU gate x W3). Backward gathers the rows again and recomputes
-    the elementwise work from h; the row weight's gradient is <gy W2^T, hidden> (no [N, hidden] product is kept
-    or recomputed). Autograd keeps the gathered rows and every elementwise intermediate: 3-4 tensors of
-    [N, hidden] instead of one."""
+    and the first projections with their biases, z = x W1 + b1 (and the SwiGLU gate's). Backward gathers the rows
+    again and recomputes the activation and sub-LN from z (and the folded W2 from the parameters); the row weight's
+    gradient is <gy W2^T, hidden> (no [N, hidden] product is kept or recomputed). Autograd keeps the gathered rows
+    and every elementwise intermediate: 3-4 tensors of [N, hidden] instead of one."""
 
     @staticmethod
     def forward(ctx, x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b):
         xs = _gather(x, rows, dtype)
-        h = mm(xs, w1.to(dtype))
-        gate = mm(xs, w3.to(dtype)) if w3 is not None else None
-        y = _project_out(mm, _hidden(h, gate, e, eps, b1, b3, norm_w is not None, norm_w, norm_b), w2, b2, e, scale,
-                         dtype)
-        ctx.save_for_backward(x, rows, scale, e, h, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b)
+        z = _bias(mm(xs, w1.to(dtype)), b1, e)
+        gate = _bias(mm(xs, w3.to(dtype)), b3, e) if w3 is not None else None
+        a = _hidden(z, gate, eps, norm_w is not None)
+        y = _project_out(mm, a, *_fold_subln(w2, b2, norm_w, norm_b), e, scale, dtype)
+        ctx.save_for_backward(x, rows, scale, e, z, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b)
         ctx.mm, ctx.eps, ctx.dtype = mm, eps, dtype
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, rows, scale, e, h, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b = ctx.saved_tensors
+        x, rows, scale, e, z, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b = ctx.saved_tensors
         mm, dtype, need = ctx.mm, ctx.dtype, ctx.needs_input_grad
         gy = gy.to(dtype)
-        leaf = [None if t is None else t.detach().requires_grad_() for t in (h, gate, b1, b3, norm_w, norm_b, b2)]
+        leaf = [None if t is None else t.detach().requires_grad_() for t in (z, gate, w2, b2, norm_w, norm_b)]
         s = None if scale is None else scale.detach().to(dtype)[:, None]
         device, enabled, _ = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            a = _hidden(leaf[0], leaf[1], e, ctx.eps, leaf[2], leaf[3], norm_w is not None, leaf[4], leaf[5])
-        u = mm(gy, w2.to(dtype).transpose(1, 2))  # the gradient of the hidden units, before the row weight
+        with torch.enable_grad():
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                a = _hidden(leaf[0], leaf[1], ctx.eps, norm_w is not None)
+            w2f, b2f = _fold_subln(*leaf[2:])
+            b2_rows = None if b2f is None else b2f.to(dtype).index_select(0, e)
+        u = mm(gy, w2f.detach().to(dtype).transpose(1, 2))  # the gradient of the hidden units, before the row weight
         g_scale = None
         if s is not None:
             g_scale = torch.linalg.vecdot(u, a.detach())
-            if b2 is not None:
-                g_scale = g_scale + torch.linalg.vecdot(gy, b2.to(dtype).index_select(0, e))
+            if b2_rows is not None:
+                g_scale = g_scale + torch.linalg.vecdot(gy, b2_rows.detach())
             gy, u = gy * s, u.mul_(s)
         outs, out_grads = [a], [u]
-        if b2 is not None:
-            with torch.enable_grad():
-                outs.append(leaf[6].to(dtype).index_select(0, e))
+        if need[9] or need[13] or need[14]:  # W2 or the sub-LN affine folded into it
+            outs.append(w2f)
+            out_grads.append(mm.weight_grad(a.detach(), gy).to(w2.dtype))
+        if b2_rows is not None:
+            outs.append(b2_rows)
             out_grads.append(gy)
         wanted = [t for t in leaf if t is not None]
         got = dict(zip(map(id, wanted), torch.autograd.grad(outs, wanted, out_grads, allow_unused=True), strict=True))
-        g_h, g_gate, g_b1, g_b3, g_nw, g_nb, g_b2 = (None if t is None else got[id(t)] for t in leaf)
+        g_h, g_gate, g_w2, g_b2, g_nw, g_nb = (None if t is None else got[id(t)] for t in leaf)
+        g_b1, g_b3 = (None if b is None else g.new_zeros(b.shape).index_add_(0, e, g)  # z = x W1 + b1[expert]
+                      for b, g in ((b1, g_h), (b3, g_gate)))
         xs = _gather(x, rows, dtype)
         g_x = None
         if need[0]:
@@ -270,8 +278,8 @@ class _ExpertFFN(torch.autograd.Function):
             return None if g is None else g.to(t.dtype)
 
         return (g_x, None, like(g_scale, scale), None, None, None, None, weight_grad(7, xs, g_h, w1),
-                weight_grad(8, xs, g_gate, w3), weight_grad(9, a.detach(), gy, w2), like(g_b1, b1), like(g_b3, b3),
-                like(g_b2, b2), like(g_nw, norm_w), like(g_nb, norm_b))
+                weight_grad(8, xs, g_gate, w3), like(g_w2, w2), like(g_b1, b1), like(g_b3, b3), like(g_b2, b2),
+                like(g_nw, norm_w), like(g_nb, norm_b))
 
 
 class Dispatch(NamedTuple):
