@@ -571,8 +571,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _resolve_includes(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """A section given as a path to a YAML file (e.g. `model: configs/model/tiny.yaml`) is replaced by its content."""
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it, mapping by mapping (a nested key changes only that key, as overrides do)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _resolve_includes(cls: type, data: dict[str, Any], where: str = "config:") -> dict[str, Any]:
+    """A section given as a path to a YAML file (`model: configs/model/tiny.yaml`) is replaced by its content; a
+    section mapping with an `include` key (`model: {include: configs/model/tiny.yaml, vision_stem: conv}`) is that
+    file's content with the section's other keys laid over it."""
     hints = typing.get_type_hints(cls)
     out = dict(data)
     for key, value in data.items():
@@ -581,8 +591,13 @@ def _resolve_includes(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, str) and value.endswith((".yaml", ".yml")):
             value = read_yaml(value)
+        if isinstance(value, dict) and "include" in value:
+            path = value["include"]
+            if not (isinstance(path, str) and path.endswith((".yaml", ".yml"))):
+                raise ConfigError(f"{_join(where, key)}.include: expected the path of a YAML file, got {path!r}")
+            value = _merged(read_yaml(path), {k: v for k, v in value.items() if k != "include"})
         if isinstance(value, dict):
-            out[key] = _resolve_includes(sub, value)
+            out[key] = _resolve_includes(sub, value, _join(where, key))
     return out
 
 
@@ -597,8 +612,9 @@ def _dataclass_in(tp: Any) -> type | None:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load `cls` from a YAML file (optional; sections may name other YAML files) plus `key=value` overrides."""
-    data = _resolve_includes(cls, read_yaml(path)) if path is not None else {}
-    return from_dict(cls, _resolve_includes(cls, apply_overrides(data, overrides or [])), where=f"{path or 'config'}:")
+    where = f"{path or 'config'}:"
+    data = _resolve_includes(cls, read_yaml(path), where) if path is not None else {}
+    return from_dict(cls, _resolve_includes(cls, apply_overrides(data, overrides or []), where), where=where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -37,6 +37,27 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.moe_ffn.heads == 2 and isinstance(cfg.moe_ffn, FFNConfig)
 
 
+def test_a_section_includes_a_file_and_changes_some_of_its_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("d_model: 16\nffn: {kind: smoe, num_experts: 4, top_k: 2}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{include: {tmp_path / 'base.yaml'}, ffn: {{top_k: 1}}}}\n")
+
+    @dataclass
+    class Run:
+        model: Model = field(default_factory=Model)
+
+    cfg = load_config(Run, path, ["model.d_model=32"])
+    # the nested ffn mapping changes top_k only; kind and num_experts stay the file's
+    assert cfg.model == Model(d_model=32, ffn=FFNConfig(kind="smoe", num_experts=4, top_k=1))
+    assert load_config(Run, path).model.d_model == 16
+    path.write_text("model: {include: 3, d_model: 8}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: model.include: expected the path of a YAML file, got 3"):
+        load_config(Run, path)
+    path.write_text(f"model: {{include: {tmp_path / 'nope.yaml'}}}\n")
+    with pytest.raises(ConfigError, match=r"nope\.yaml does not exist"):
+        load_config(Run, path)
+
+
 def test_numeric_strings_become_numbers(tmp_path):
     # YAML 1.1 (PyYAML) reads 1e-4 and 3e2 as strings: the CLI help's own example
     path = tmp_path / "run.yaml"
