@@ -43,7 +43,7 @@ import train_mm
 from mm_moe.analysis import analyze
 from mm_moe.config import BEiT3Config, FFNConfig, load_config
 from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
-from mm_moe.engine import read_metrics
+from mm_moe.engine import load_run_config, read_metrics, resolve_checkpoint
 from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import ffn_cost, matched_variants
 
@@ -114,8 +114,8 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
             continue
         init = [] if stage == "pretrain" else ["--init", str(run / "pretrain")]
         extra = [f"train.eval_every={max(1, steps // 4)}"] if stage == "vqa" else []
-        if stage == "easyvqa":  # the recipe's conv stem would not load the patch-stem pretraining
-            extra = ["model.vision_stem=patch"]
+        if stage == "easyvqa":  # the recipe's stem is conv; the weights to load have the pretraining's
+            extra = [f"model.vision_stem={load_run_config(resolve_checkpoint(run / 'pretrain')).model.vision_stem}"]
         code = train_mm.main([*head, *init, *common, *extra, f"train.steps={steps}", "--auto-resume",
                               f"run_dir={out}", *(f"{k}={v}" for k, v in data.items())])
         if code:
