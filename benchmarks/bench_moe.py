@@ -182,17 +182,18 @@ OP_CLASSES = {"matmul": {"mm", "addmm", "bmm", "_grouped_mm"},
 
 
 class OpTimer(TorchDispatchMode):
-    """Sums the wall time of every aten op run under it, forward and backward, by class (OP_CLASSES, else "other")."""
+    """Sums the wall time of every aten op run under it, forward and backward, by class (`classes`, else "other")."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: dict[str, set[str]] = OP_CLASSES) -> None:
         super().__init__()
-        self.seconds = dict.fromkeys([*OP_CLASSES, "other"], 0.0)
+        self.classes = classes
+        self.seconds = dict.fromkeys([*classes, "other"], 0.0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        op_class = next((c for c, names in OP_CLASSES.items() if name in names), "other")
+        op_class = next((c for c, names in self.classes.items() if name in names), "other")
         self.seconds[op_class] += time.perf_counter() - t0
         return out
 

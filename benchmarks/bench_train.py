@@ -7,21 +7,27 @@ pretraining step (MLM, MIM and VLM passes, backward, AdamW). Models are timed in
 in one run; ratios are to the dense model. "saved for backward" is what the step's forward passes keep for
 backward (counted exactly with saved_tensors_hooks, parameters excluded): the step's activation memory. On a
 GPU the table adds model FLOPs utilisation: the step's matmul FLOPs (torch's counter, grouped matmuls included)
-over the bf16 dense peak.
+over the bf16 dense peak. --breakdown adds where each step's time goes: every aten op of a few more steps timed
+and summed by class (matmuls; gathers and scatters; activations; LayerNorms, sub-LN included; routing: softmax,
+top-k, sorts, entropy; the rest), plus the time between ops (Python, autograd), in ms per step: what an MoE
+model spends beyond its dense twin, op class by op class.
 
     python benchmarks/bench_train.py                    # tiny and base on CPU
     python benchmarks/bench_train.py --sizes base --depth 4 --batch 4   # base width, 4 layers (a CPU run)
     python benchmarks/bench_train.py --sizes base --batch 64 --rounds 10   # on a GPU
+    python benchmarks/bench_train.py --sizes tiny --breakdown   # ms per step by op class, every variant
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
 
 import torch
+from bench_moe import OP_CLASSES, OpTimer
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
@@ -33,6 +39,10 @@ from mm_moe.moe.experts import FLOP_FORMULAS
 
 VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+STEP_CLASSES = {**OP_CLASSES, "norm": {"native_layer_norm", "native_layer_norm_backward"},
+                "routing": {"topk", "sort", "_softmax", "_softmax_backward_data", "xlogy", "cumsum",
+                            "repeat_interleave"}}
+BREAKDOWN_STEPS = 3
 
 
 def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
@@ -48,16 +58,18 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool) -> float:
-    """Seconds for one full training step (forward passes, backward, optimizer)."""
+def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool, timer: OpTimer | None = None) -> float:
+    """Seconds for one full training step (forward passes, backward, optimizer); with a timer, every op's time is
+    also summed into it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = loss_fn(model, b)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with timer or contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = loss_fn(model, b)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -76,6 +88,18 @@ def saved_and_flops(model, loss_fn, b: dict, amp: bool) -> tuple[int, int]:
     return saved.bytes, counter.get_total_flops()
 
 
+def breakdown(runs: dict, loss_fn, b: dict, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
+    """Per model, ms per step by op class (STEP_CLASSES, "other") and between ops, over BREAKDOWN_STEPS steps."""
+    out = {}
+    for name, (model, opt) in runs.items():
+        timer, total = OpTimer(STEP_CLASSES), 0.0
+        for _ in range(BREAKDOWN_STEPS):
+            total += timed_step(model, opt, loss_fn, b, device, amp, timer)
+        ms = {c: 1e3 * sec / BREAKDOWN_STEPS for c, sec in timer.seconds.items()}
+        out[name] = {"step": 1e3 * total / BREAKDOWN_STEPS, **ms, "between ops": 1e3 * total / BREAKDOWN_STEPS - sum(ms.values())}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
@@ -83,6 +107,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--depth", type=int, default=None, help="layers (default: the size's); base on a CPU: 4")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--breakdown", action="store_true", help="also ms per step by op class (timed per op, so slower)")
     args = p.parse_args()
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
@@ -127,6 +152,13 @@ def main() -> None:
             if peak:
                 row += f" {100 * flops / t / peak:.1f}% |"
             print(row, flush=True)
+        if args.breakdown:
+            parts = breakdown(runs, loss_fn, b, device, amp)
+            cols = list(parts["dense"])
+            print(f"\n# {size}: ms per step by op class, every op timed ({BREAKDOWN_STEPS} steps)")
+            print("| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+            for name, ms in parts.items():
+                print(f"| {name} | " + " | ".join(f"{ms[c]:.1f}" for c in cols) + " |", flush=True)
         runs.clear()
 
 

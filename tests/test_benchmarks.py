@@ -124,16 +124,25 @@ def test_bench_moe_sweep_keeps_active_flops_and_expert_parameters(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
-def test_bench_train_reports_throughput_and_saved_bytes_for_every_variant():
+def test_bench_train_reports_throughput_saved_bytes_and_time_by_op_class_for_every_variant():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--sizes", "tiny", "--depth", "2", "--batch", "4",
-           "--rounds", "1"]
+           "--rounds", "1", "--breakdown"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    header = re.search(r"^\| model \| step \| (.*) \|$", out, re.M)
+    assert header, out
+    classes = header.group(1).split(" | ")
+    assert classes == ["matmul", "gather/scatter", "activation", "norm", "routing", "other", "between ops"]
     for variant in ("dense", "smoe", "xmoe", "mhmoe", "cartesian"):
         row = re.search(rf"^\| tiny \| {variant} \| [\d.]+M \| ([\d.]+) \| ([\d.]+)x \| (\d+) MB \| ([\d.]+)x \|$", out, re.M)
         assert row, f"{variant}:\n{out}"
         assert float(row.group(1)) > 0 and float(row.group(4)) > 0
         if variant == "dense":
             assert row.group(2) == row.group(4) == "1.00"
+        step, *parts = map(float, re.search(rf"^\| {variant} \| (.*) \|$", out, re.M).group(1).split(" | "))
+        ms = dict(zip(classes, parts, strict=True))
+        assert sum(parts) == pytest.approx(step, abs=0.05 * len(parts))  # the classes and the gaps make up the step
+        assert ms["matmul"] > 0
+        assert (ms["routing"] > 0) == (variant != "dense")  # softmax, top-k and the dispatch sort: MoE layers only
 
 
 @pytest.mark.slow
