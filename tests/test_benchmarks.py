@@ -145,6 +145,19 @@ def test_bench_train_reports_throughput_saved_bytes_and_time_by_op_class_for_eve
         assert (ms["routing"] > 0) == (variant != "dense")  # softmax, top-k and the dispatch sort: MoE layers only
 
 
+def test_ab_experts_times_both_implementations_of_the_same_model_against_dense():
+    # HEAD's experts against this checkout's: the B side is swapped in from `git show`, the model and batch are shared
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ab_experts.py"), "--ref", "HEAD", "--variant", "mhmoe",
+           "--batch", "4", "--rounds", "1", "depth=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = dict(re.findall(r"^\| (dense|this checkout|HEAD) \| \d+ \| ([\d.]+)x \|$", out, re.M))
+    assert set(rows) == {"dense", "this checkout", "HEAD"}, out
+    assert rows["dense"] == "1.000" and float(rows["HEAD"]) > 0
+    assert float(re.search(r"^step time, this checkout / HEAD: ([\d.]+)$", out, re.M).group(1)) > 0
+    bad = subprocess.run([*cmd[:3], "no-such-ref"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "cannot read mm_moe/moe/experts.py at 'no-such-ref'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     """Two variants x two seeds, two runs at a time, through the script; the world's VQA set stands in for
