@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mm_moe.config import FFNConfig
 from mm_moe.engine import SavedForBackward
 from mm_moe.moe import build_ffn
-from mm_moe.moe.experts import GroupedExperts, count_ids
+from mm_moe.moe.experts import GroupedExperts, _fold_pays, count_ids
 from mm_moe.moe.layers import DenseFFN
 
 D = 32
@@ -72,6 +72,16 @@ def test_layer_matches_reference_with_padding(variant, activation, bias, subln, 
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     check_against_reference(cfg, x, pad)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("tokens", [5, 60])
+def test_subln_affine_folded_into_w2_or_applied_per_row(tokens, recompute):
+    """The sub-LN's per-expert affine is folded into W2 when the rows outnumber E x d_in, else applied row by row:
+    the same function either way (outputs and every gradient against the reference)."""
+    cfg = FFNConfig(kind="smoe", hidden=24, num_experts=6, top_k=2, subln=True, recompute=recompute)
+    assert _fold_pays(2 * tokens * cfg.top_k, torch.empty(cfg.num_experts, cfg.hidden, D)) == (tokens == 60)
+    check_against_reference(cfg, torch.randn(2, tokens, D))
 
 
 @pytest.mark.parametrize("variant", list(KINDS))

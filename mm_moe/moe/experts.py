@@ -191,17 +191,31 @@ def _project_out(mm: BlockMM, a: Tensor, w2: Tensor, b2: Tensor | None, e: Tenso
     return y if scale is None else y * scale.to(dtype)[:, None]
 
 
-def _fold_subln(w2: Tensor, b2: Tensor | None, norm_w: Tensor | None,
-                norm_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _fold_pays(rows: int, w2: Tensor) -> bool:
+    """Whether folding the sub-LN's affine into W2 (work of W2's size, E x hidden x d_in, forward and backward) costs
+    less than applying it row by row (work of rows x hidden): when the rows outnumber E x d_in."""
+    return rows >= w2.shape[0] * w2.shape[2]
+
+
+def _fold_subln(w2: Tensor, b2: Tensor | None, norm_w: Tensor, norm_b: Tensor) -> tuple[Tensor, Tensor]:
     """W2 and the output bias with the sub-LN's per-expert affine folded in, exact since W2 is linear:
     (n * w + b) W2 + b2 = n (w * W2) + (b W2 + b2). No [N, hidden] copy of the affine is gathered, applied or kept.
     In the parameters' dtype, also under autocast, so that forward and the recomputing backward fold alike; b W2 as a
     product and sum, not a matmul, so FLOP counters see only the per-token work."""
-    if norm_w is None:
-        return w2, b2
     with torch.autocast(w2.device.type, enabled=False):
         folded = (norm_b[:, :, None] * w2).sum(1)
         return norm_w[:, :, None] * w2, folded if b2 is None else b2 + folded
+
+
+def _subln_affine(a: Tensor, e: Tensor | None, w2: Tensor, b2: Tensor | None, norm_w: Tensor | None,
+                  norm_b: Tensor | None, fold: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(hidden, W2, output bias) with the sub-LN's per-expert affine applied: folded into W2 and the bias, or to
+    every row of `a` (the cheaper one, `_fold_pays`)."""
+    if norm_w is None:
+        return a, w2, b2
+    if fold:
+        return (a, *_fold_subln(w2, b2, norm_w, norm_b))
+    return _bias(a * norm_w.to(a.dtype).index_select(0, e), norm_b, e), w2, b2
 
 
 def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_w, norm_b) -> Tensor:
@@ -209,13 +223,14 @@ def _expert_ffn(x, rows, scale, e, mm, eps, dtype, w1, w3, w2, b1, b3, b2, norm_
     xs = _gather(x, rows, dtype)
     gate = _bias(mm(xs, w3.to(dtype)), b3, e) if w3 is not None else None
     a = _hidden(_bias(mm(xs, w1.to(dtype)), b1, e), gate, eps, norm_w is not None)
-    return _project_out(mm, a, *_fold_subln(w2, b2, norm_w, norm_b), e, scale, dtype)
+    a, w2, b2 = _subln_affine(a, e, w2, b2, norm_w, norm_b, _fold_pays(xs.shape[0], w2))
+    return _project_out(mm, a, w2, b2, e, scale, dtype)
 
 
 class _ExpertFFN(torch.autograd.Function):
     """`_expert_ffn`, keeping for backward only x (the caller's, not a gathered copy), the row indices and weights,
     and the first projections with their biases, z = x W1 + b1 (and the SwiGLU gate's). Backward gathers the rows
-    again and recomputes the activation and sub-LN from z (and the folded W2 from the parameters); the row weight's
+    again and recomputes the activation and sub-LN from z (its affine too, `_subln_affine`); the row weight's
     gradient is <gy W2^T, hidden> (no [N, hidden] product is kept or recomputed). Autograd keeps the gathered rows
     and every elementwise intermediate: 3-4 tensors of [N, hidden] instead of one."""
 
@@ -224,10 +239,11 @@ class _ExpertFFN(torch.autograd.Function):
         xs = _gather(x, rows, dtype)
         z = _bias(mm(xs, w1.to(dtype)), b1, e)
         gate = _bias(mm(xs, w3.to(dtype)), b3, e) if w3 is not None else None
-        a = _hidden(z, gate, eps, norm_w is not None)
-        y = _project_out(mm, a, *_fold_subln(w2, b2, norm_w, norm_b), e, scale, dtype)
+        fold = _fold_pays(xs.shape[0], w2)
+        a, w2f, b2f = _subln_affine(_hidden(z, gate, eps, norm_w is not None), e, w2, b2, norm_w, norm_b, fold)
+        y = _project_out(mm, a, w2f, b2f, e, scale, dtype)
         ctx.save_for_backward(x, rows, scale, e, z, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b)
-        ctx.mm, ctx.eps, ctx.dtype = mm, eps, dtype
+        ctx.mm, ctx.eps, ctx.dtype, ctx.fold = mm, eps, dtype, fold
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type), dtype)
         return y
 
@@ -239,10 +255,9 @@ class _ExpertFFN(torch.autograd.Function):
         leaf = [None if t is None else t.detach().requires_grad_() for t in (z, gate, w2, b2, norm_w, norm_b)]
         s = None if scale is None else scale.detach().to(dtype)[:, None]
         device, enabled, _ = ctx.autocast
-        with torch.enable_grad():
-            with torch.autocast(device, dtype=dtype, enabled=enabled):
-                a = _hidden(leaf[0], leaf[1], ctx.eps, norm_w is not None)
-            w2f, b2f = _fold_subln(*leaf[2:])
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            a = _hidden(leaf[0], leaf[1], ctx.eps, norm_w is not None)
+            a, w2f, b2f = _subln_affine(a, e, *leaf[2:], ctx.fold)
             b2_rows = None if b2f is None else b2f.to(dtype).index_select(0, e)
         u = mm(gy, w2f.detach().to(dtype).transpose(1, 2))  # the gradient of the hidden units, before the row weight
         g_scale = None
@@ -252,7 +267,7 @@ class _ExpertFFN(torch.autograd.Function):
                 g_scale = g_scale + torch.linalg.vecdot(gy, b2_rows.detach())
             gy, u = gy * s, u.mul_(s)
         outs, out_grads = [a], [u]
-        if need[9] or need[13] or need[14]:  # W2 or the sub-LN affine folded into it
+        if need[9] or (ctx.fold and (need[13] or need[14])):  # W2, or the sub-LN affine folded into it
             outs.append(w2f)
             out_grads.append(mm.weight_grad(a.detach(), gy).to(w2.dtype))
         if b2_rows is not None:
