@@ -93,7 +93,7 @@ def main() -> None:
     def ratio(a: str, c: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[c], strict=True))
 
-    what = f"--variant {args.variant}" if args.variant else f"{args.config} {' '.join(args.overrides)}".strip()
+    what = " ".join([args.config, *(["--variant", args.variant] if args.variant else []), *args.overrides])
     print(f"# {what}, batch {args.batch}, {args.rounds} rounds, fp32, {torch.get_num_threads()} threads")
     print("| experts | ms per step | speed vs dense |")
     print("|---|---|---|")
