@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import random
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import types
 from pathlib import Path
 
 import torch
-from bench_train import VARIANTS, batch, timed_step
+from bench_train import VARIANTS, batch, interleaved_times
 
 from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
 from mm_moe.engine import init_distributed, pretrain_loss
@@ -80,15 +79,7 @@ def main() -> None:
                     m.grouped_ffn = types.MethodType(ref.GroupedExperts.grouped_ffn, m)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     loss_fn = pretrain_loss(ObjectivesConfig())
-    b = batch(cfg, args.batch, device)
-    times = {name: [] for name in runs}
-    for name in runs:
-        timed_step(*runs[name], loss_fn, b, device, False)  # warm-up
-    for _ in range(args.rounds):
-        order = list(runs)
-        random.shuffle(order)
-        for name in order:
-            times[name].append(timed_step(*runs[name], loss_fn, b, device, False))
+    times = interleaved_times(runs, loss_fn, batch(cfg, args.batch, device), device, False, args.rounds)
 
     def ratio(a: str, c: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[c], strict=True))

@@ -75,6 +75,20 @@ def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool, ti
     return time.perf_counter() - t0
 
 
+def interleaved_times(runs: dict, loss_fn, b: dict, device: torch.device, amp: bool, rounds: int) -> dict[str, list[float]]:
+    """Step seconds of every (model, optimizer) in `runs`: one warm-up step each, then `rounds` rounds in which every
+    model steps once, in a new random order each round (so drift on a shared machine hits all alike)."""
+    times = {name: [] for name in runs}
+    for name in runs:
+        timed_step(*runs[name], loss_fn, b, device, amp)
+    for _ in range(rounds):
+        order = list(runs)
+        random.shuffle(order)
+        for name in order:
+            times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
+    return times
+
+
 def saved_and_flops(model, loss_fn, b: dict, amp: bool) -> tuple[int, int]:
     """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded; and
     the step's matmul FLOPs, forward and backward (torch's counter, grouped matmuls included)."""
@@ -132,14 +146,7 @@ def main() -> None:
             model = BEiT3ForPretraining(cfg).to(device)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
-        times = {name: [] for name in runs}
-        for name in runs:
-            timed_step(*runs[name], loss_fn, b, device, amp)  # warm-up
-        for _ in range(args.rounds):
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                times[name].append(timed_step(*runs[name], loss_fn, b, device, amp))
+        times = interleaved_times(runs, loss_fn, b, device, amp, args.rounds)
         dense_t = statistics.median(times["dense"])
         measured = {name: saved_and_flops(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
         dense_saved = measured["dense"][0]
