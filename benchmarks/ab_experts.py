@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 
 import torch
-from bench_train import VARIANTS, batch, interleaved_times
+from bench_train import VARIANTS, batch, interleaved_times, with_moe
 
 from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
 from mm_moe.engine import init_distributed, pretrain_loss
@@ -48,8 +48,7 @@ def model_config(args: argparse.Namespace) -> BEiT3Config:
     if args.variant is None:
         return load_config(BEiT3Config, args.config, args.overrides)
     base = load_config(BEiT3Config, args.config, ["moe=null", "moe_layers=none", *args.overrides])
-    moe = matched_variants(base.d_model, base.ffn.hidden, subln=True)[args.variant]
-    return BEiT3Config(**{**base.__dict__, "moe": moe, "moe_layers": "every_other"})
+    return with_moe(base, matched_variants(base.d_model, base.ffn.hidden, subln=True)[args.variant])
 
 
 def main() -> None:
@@ -69,8 +68,7 @@ def main() -> None:
     if cfg.moe is None:
         sys.exit(f"ab_experts: {args.config} has no MoE layers; name a --variant")
     runs = {}
-    for name, model_cfg in (("dense", BEiT3Config(**{**cfg.__dict__, "moe": None, "moe_layers": "none"})),
-                            ("this checkout", cfg), (args.ref, cfg)):
+    for name, model_cfg in (("dense", with_moe(cfg, None)), ("this checkout", cfg), (args.ref, cfg)):
         torch.manual_seed(0)
         model = BEiT3ForPretraining(model_cfg)
         if name == args.ref:

@@ -30,7 +30,7 @@ import torch
 from bench_moe import OP_CLASSES, OpTimer
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
+from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
 from mm_moe.constants import IGNORE_INDEX
 from mm_moe.engine import SavedForBackward, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
@@ -56,6 +56,11 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
          "text_padding": torch.zeros(n, length, dtype=torch.bool), "mlm_labels": labels,
          "patch_mask": torch.rand(n, patches, generator=g) < 0.4}
     return {k: v.to(device) for k, v in b.items()}
+
+
+def with_moe(base: BEiT3Config, moe: FFNConfig | None) -> BEiT3Config:
+    """`base` with `moe` in every other layer, or dense throughout for None: the models the variants compare."""
+    return BEiT3Config(**{**base.__dict__, "moe": moe, "moe_layers": "every_other" if moe else "none"})
 
 
 def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool, timer: OpTimer | None = None) -> float:
@@ -109,8 +114,9 @@ def breakdown(runs: dict, loss_fn, b: dict, device: torch.device, amp: bool) -> 
         timer, total = OpTimer(STEP_CLASSES), 0.0
         for _ in range(BREAKDOWN_STEPS):
             total += timed_step(model, opt, loss_fn, b, device, amp, timer)
+        step = 1e3 * total / BREAKDOWN_STEPS
         ms = {c: 1e3 * sec / BREAKDOWN_STEPS for c, sec in timer.seconds.items()}
-        out[name] = {"step": 1e3 * total / BREAKDOWN_STEPS, **ms, "between ops": 1e3 * total / BREAKDOWN_STEPS - sum(ms.values())}
+        out[name] = {"step": step, **ms, "between ops": step - sum(ms.values())}
     return out
 
 
@@ -142,8 +148,7 @@ def main() -> None:
             if name not in args.variants and name != "dense":
                 continue
             torch.manual_seed(0)
-            cfg = BEiT3Config(**{**base.__dict__, "moe": moe, "moe_layers": "every_other" if moe else "none"})
-            model = BEiT3ForPretraining(cfg).to(device)
+            model = BEiT3ForPretraining(with_moe(base, moe)).to(device)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
         times = interleaved_times(runs, loss_fn, b, device, amp, args.rounds)

@@ -120,7 +120,7 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x)
         mm = BlockMM(counts, self._use_grouped_mm(x.device, dtype))
         n = x.shape[0] if rows is None else rows.shape[0]
-        needs_rows = self.b1 is not None or self.b2 is not None or self.norm_w is not None
+        needs_rows = self.b1 is not None or self.norm_w is not None  # b2 exists exactly when b1 does
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
                                                 output_size=n) if needs_rows else None  # [N]
         params = (self.w1, self.w3, self.w2, self.b1, self.b3, self.b2, self.norm_w, self.norm_b)
@@ -174,7 +174,7 @@ def _bias(h: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> Tenso
 
 def _hidden(z: Tensor, gate: Tensor | None, eps: float, subln: bool) -> Tensor:
     """The elementwise work between the two projections, after their biases: activation, then the sub-LN without
-    its affine (which the caller folds into W2 and the output bias)."""
+    its affine (which the caller applies, `_subln_affine`)."""
     a = activate(z, gate)
     return F.layer_norm(a, a.shape[-1:], eps=eps).to(z.dtype) if subln else a  # CUDA autocast: layer_norm in fp32
 
@@ -275,13 +275,13 @@ class _ExpertFFN(torch.autograd.Function):
             out_grads.append(gy)
         wanted = [t for t in leaf if t is not None]
         got = dict(zip(map(id, wanted), torch.autograd.grad(outs, wanted, out_grads, allow_unused=True), strict=True))
-        g_h, g_gate, g_w2, g_b2, g_nw, g_nb = (None if t is None else got[id(t)] for t in leaf)
+        g_z, g_gate, g_w2, g_b2, g_nw, g_nb = (None if t is None else got[id(t)] for t in leaf)
         g_b1, g_b3 = (None if b is None else g.new_zeros(b.shape).index_add_(0, e, g)  # z = x W1 + b1[expert]
-                      for b, g in ((b1, g_h), (b3, g_gate)))
+                      for b, g in ((b1, g_z), (b3, g_gate)))
         xs = _gather(x, rows, dtype)
         g_x = None
         if need[0]:
-            g_xs = mm(g_h, w1.to(dtype).transpose(1, 2))
+            g_xs = mm(g_z, w1.to(dtype).transpose(1, 2))
             if gate is not None:
                 g_xs = g_xs + mm(g_gate, w3.to(dtype).transpose(1, 2))
             g_x = (g_xs if rows is None else g_xs.new_zeros(x.shape).index_add_(0, rows, g_xs)).to(x.dtype)
@@ -292,7 +292,7 @@ class _ExpertFFN(torch.autograd.Function):
         def like(g: Tensor | None, t: Tensor | None) -> Tensor | None:
             return None if g is None else g.to(t.dtype)
 
-        return (g_x, None, like(g_scale, scale), None, None, None, None, weight_grad(7, xs, g_h, w1),
+        return (g_x, None, like(g_scale, scale), None, None, None, None, weight_grad(7, xs, g_z, w1),
                 weight_grad(8, xs, g_gate, w3), like(g_w2, w2), like(g_b1, b1), like(g_b3, b3), like(g_b2, b2),
                 like(g_nw, norm_w), like(g_nb, norm_b))
 
