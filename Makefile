@@ -25,11 +25,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_decode.py
 
-# on a CUDA machine: MoE layers in bf16 (torch._grouped_mm on sm90+), the training step with model FLOPs utilisation
+# on a CUDA machine, about 10 minutes: MoE layers and the base-width pretraining step, eager and compiled side by
+# side (bf16; MFU, GPU-busy share, host syncs); report and compile cache in runs/bench_gpu/
 bench-gpu: $(STAMP)
-	$(BIN)/python benchmarks/bench_moe.py --device cuda --peers grouped_mm torchscale
-	$(BIN)/python benchmarks/bench_moe.py --device cuda --sweep --plot docs/bench_moe_sweep_gpu.png
-	$(BIN)/python benchmarks/bench_train.py --sizes tiny base --batch 256 64 --rounds 10
+	$(BIN)/python benchmarks/bench_gpu.py --out runs/bench_gpu
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check mm_moe tests benchmarks data *.py

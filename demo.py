@@ -43,7 +43,7 @@ def pretrained_activation_ratio(run_dir: Path, shards: Path, batches: int = 4) -
     merged: dict = {}
     with torch.no_grad():
         for b in first_batches(shards, load_tokenizer(), cfg.model, batches):
-            merged = merge_stats(merged, model.beit3(b["images"], b["text_ids"], b["text_padding"]).stats)
+            merged = merge_stats(merged, model.beit3(b["images"], b["text_ids"], b["text_padding"], stats=True).stats)
     return activation_ratio(list(merged.values()))
 
 

@@ -1,6 +1,7 @@
 """A/B of the experts' implementation: one model's pretraining step with this checkout's `GroupedExperts` and
-with `GroupedExperts.grouped_ffn` as mm_moe/moe/experts.py has it at a git ref, next to the dense twin, all three
-interleaved round after round in one process (same weights, same batch). Ratios are medians of per-round ratios.
+with `GroupedExperts.forward` and `grouped_ffn` as mm_moe/moe/experts.py has them at a git ref (its dispatch and
+combine with them), next to the dense twin, all three interleaved round after round in one process (same weights,
+same batch). Ratios are medians of per-round ratios.
 
     python benchmarks/ab_experts.py --ref 80f4d85 --variant mhmoe              # bench_train's matched MH-MoE
     python benchmarks/ab_experts.py --ref 80f4d85 moe.recompute=true          # the demo model (tiny.yaml)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,18 @@ def experts_at(ref: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def use_experts_of(ref: types.ModuleType, m: GroupedExperts) -> None:
+    """Make `m` an instance of `ref`'s GroupedExperts (same parameters, the ref's methods); the router's counts
+    are passed on only to a ref whose forward takes them."""
+    takes_counts = "counts" in inspect.signature(ref.GroupedExperts.forward).parameters
+
+    class RefExperts(ref.GroupedExperts):
+        def forward(self, x, expert_idx, weights, counts=None):
+            return super().forward(x, expert_idx, weights, *([counts] if takes_counts else []))
+
+    m.__class__ = RefExperts
 
 
 def model_config(args: argparse.Namespace) -> BEiT3Config:
@@ -74,7 +88,7 @@ def main() -> None:
         if name == args.ref:
             for m in model.modules():
                 if isinstance(m, GroupedExperts):
-                    m.grouped_ffn = types.MethodType(ref.GroupedExperts.grouped_ffn, m)
+                    use_experts_of(ref, m)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     loss_fn = pretrain_loss(ObjectivesConfig())
     times = interleaved_times(runs, loss_fn, batch(cfg, args.batch, device), device, False, args.rounds)

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
-from mm_moe.engine import SavedForBackward, keep_freed_memory
-from mm_moe.moe import Router, build_ffn, ffn_cost
+from mm_moe.engine import SavedForBackward, configure_compile, keep_freed_memory
+from mm_moe.moe import FFNOutput, Router, build_ffn, ffn_cost
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Candidate:
     module: nn.Module
     twin: str  # key of the dense layer with the same active FLOPs
     layer_kind: str
-    max_load: Callable[[], float] | None = None
+    max_load: Callable[[Tensor], float] | None = None
 
 
 def zipf_bias(num_experts: int, strength: float) -> Tensor:
@@ -153,7 +153,7 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
             for m in layer.modules():
                 if isinstance(m, Router):
                     skew_router(m, bias)
-        cands.append(Candidate(name, layer, twin, "ours", lambda layer=layer: layer.last_stats.load.max().item()))
+        cands.append(Candidate(name, layer, twin, "ours", lambda x, layer=layer: max_load(layer, x)))
     hf_impls = [p for p in peers if p != "torchscale"]
     if hf_impls:
         twin = f"dense swiglu {dense_hidden}"
@@ -175,7 +175,13 @@ def make_candidates(d: int, experts: int, k: int, dense_hidden: int, bias: Tenso
     return twins, cands
 
 
-OP_CLASSES = {"matmul": {"mm", "addmm", "bmm", "_grouped_mm"},
+@torch.no_grad()
+def max_load(layer: nn.Module, x: Tensor) -> float:
+    """The largest share of the routed assignments one expert of `layer` processes on x."""
+    return layer(x, stats=True).stats.load.max().item()
+
+
+OP_CLASSES = {"matmul": {"mm", "addmm", "bmm", "_grouped_mm", "grouped_mm", "grouped_mm_wgrad"},
               "gather/scatter": {"index_select", "index_add", "index_add_", "index", "gather", "scatter_add",
                                  "scatter_add_"},
               "activation": {"gelu", "gelu_backward", "silu", "silu_backward"}}
@@ -198,6 +204,50 @@ class OpTimer(TorchDispatchMode):
         return out
 
 
+NO_KERNEL = {"view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
+             "reshape", "permute", "detach", "alias", "empty", "empty_like", "empty_strided", "new_empty", "unbind",
+             "split", "split_with_sizes", "lift_fresh", "resolve_conj", "resolve_neg", "contiguous", "to", "_to_copy"}
+"""aten ops that only make views or allocate (no kernel of their own; a real copy inside `to` shows as copy_)."""
+
+
+def launches(device: torch.device, step: Callable[..., object], *args: object) -> int:
+    """Kernels one call of `step(*args)` runs. On a GPU, the CUDA kernels the profiler sees. On the CPU, the outermost ops
+    that compute: aten ops (views and allocations left out), the project's custom ops, and the fused C++ kernels of
+    inductor (which `enable_kernel_profile` records); what runs inside one of these is not counted again."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(*args)
+        sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+
+    def counted(e) -> bool:
+        if e.name.startswith("aten::"):
+            return e.name[6:] not in NO_KERNEL
+        return e.name.startswith("mm_moe::") or "cpp_fused" in e.name
+
+    def inside_counted(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if counted(parent) or parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in events if counted(e) and not inside_counted(e))
+
+
+def profile_inductor_kernels() -> None:
+    """Make inductor's C++ kernels visible to the profiler (for `launches`); call before compiling."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True
+
+
 def saved_bytes(module: nn.Module, x: Tensor) -> int:
     """Bytes the layer's forward saves for backward (distinct storages, its parameters excluded, x included)."""
     with SavedForBackward(exclude=module.parameters()) as saved, \
@@ -211,6 +261,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def forward_loss(module: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
+    """<module(x), grad>, plus the aux loss of a layer that returns or keeps one (ours return FFNOutput; the
+    torchscale wrapper keeps it)."""
+    out = module(x)
+    if isinstance(out, FFNOutput):
+        return (out.out * grad).sum() + out.aux_loss
+    aux = getattr(module, "aux_loss", None)
+    loss = (out * grad).sum()
+    return loss + aux if aux is not None and aux.requires_grad else loss
+
+
 def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor, timer: OpTimer | None = None) -> tuple[float, int]:
     """Seconds for one forward + backward (aux loss included when the layer has one), and its page faults;
     with a timer, every op's time is also summed into it."""
@@ -220,12 +281,7 @@ def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor, timer: OpTimer | None = 
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     with timer or contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
-        y = module(x)
-        loss = (y * grad).sum()
-        aux = getattr(module, "aux_loss", None)
-        if aux is not None and aux.requires_grad:
-            loss = loss + aux
-        loss.backward()
+        forward_loss(module, x, grad).backward()
     sync(x.device)
     seconds = time.perf_counter() - t0
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
@@ -260,6 +316,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 m.to(device)
             x = torch.randn(1, tokens, d, device=device, requires_grad=True)
             grad = torch.randn(1, tokens, d, device=device)
+            compile_s = compile_modules([*twins.values(), *(c.module for c in cands if c.layer_kind == "ours")],
+                                        x, grad, args.compile) if args.compile else {}
             warm, worst = warm_up([(c.module, twins[c.twin]) for c in cands], x, grad, args.max_warmup)
             print(f"# top-{k} {routing}: {warm} warm-up rounds, the most page faults of one step in the last: {worst}")
             samples = timed_rounds(cands, twins, x, grad, args.rounds, args.breakdown)
@@ -268,14 +326,29 @@ def run(args: argparse.Namespace) -> list[dict]:
                 got = samples[c.name]
                 ratios = [v["ratio"] for v in got]
                 row = dict(layer=c.name, kind=c.layer_kind, k=k, routing=routing, twin=c.twin,
-                           max_load=c.max_load() if c.max_load else float("nan"), spread=(min(ratios), max(ratios)),
+                           max_load=c.max_load(x) if c.max_load else float("nan"), spread=(min(ratios), max(ratios)),
                            faults=sum(v["faults"] for v in got))
                 row |= {key: statistics.median(v[key] for v in got) for key in got[0] if key != "faults"}
                 saved = saved_bytes(c.module, x)
-                row |= dict(saved_mb=saved / 2**20, saved_ratio=saved / twin_saved[c.twin])
+                row |= dict(saved_mb=saved / 2**20, saved_ratio=saved / twin_saved[c.twin],
+                            kernels=launches(device, fwd_bwd, c.module, x, grad),
+                            twin_kernels=launches(device, fwd_bwd, twins[c.twin], x, grad),
+                            compile_s=compile_s.get(id(c.module), float("nan")))
                 rows.append(row)
             print_rows(rows[-len(cands):], header=not rows[:-len(cands)], breakdown=args.breakdown)
     return rows
+
+
+def compile_modules(modules: list[nn.Module], x: Tensor, grad: Tensor, backend: str) -> dict[int, float]:
+    """Compile each module in place (fullgraph) and run its first forward + backward, which compiles: seconds by
+    id(module). A first call's time is the compile time (its own run is milliseconds)."""
+    configure_compile()
+    profile_inductor_kernels()
+    seconds = {}
+    for m in modules:
+        m.compile(backend=backend, fullgraph=True)
+        seconds[id(m)] = fwd_bwd(m, x, grad)[0]
+    return seconds
 
 
 def timed_rounds(cands: list[Candidate], twins: dict[str, nn.Module], x: Tensor, grad: Tensor, rounds: int,
@@ -313,7 +386,7 @@ def print_rows(rows: list[dict], header: bool, breakdown: bool = False) -> None:
     parts = [*OP_CLASSES, "other", "between ops"]
     if header:
         cols = ["layer", "top-k", "routing", "max expert load", "layer ms", "dense twin", "twin ms", "ratio", "ratio min-max",
-                "saved MB", "saved ratio"]
+                "saved MB", "saved ratio", "kernels", "twin kernels", "compile s"]
         cols += [*parts, "twin's matmul"] if breakdown else ["page faults"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
@@ -321,7 +394,8 @@ def print_rows(rows: list[dict], header: bool, breakdown: bool = False) -> None:
         load = "" if math.isnan(r["max_load"]) else f"{r['max_load']:.1%}"
         cells = [r["layer"], r["k"], r["routing"], load, f"{r['moe_ms']:.1f}", r["twin"], f"{r['dense_ms']:.1f}",
                  f"{r['ratio']:.2f}x", f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}", f"{r['saved_mb']:.0f}",
-                 f"{r['saved_ratio']:.2f}x"]
+                 f"{r['saved_ratio']:.2f}x", r["kernels"], r["twin_kernels"],
+                 "" if math.isnan(r["compile_s"]) else f"{r['compile_s']:.0f}"]
         cells += [*(f"{r[f'part {c}']:.2f}" for c in parts), f"{r['twin matmul']:.2f}"] if breakdown else [r["faults"]]
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
@@ -417,6 +491,9 @@ def main() -> None:
                    help="time every op and split each layer's step into matmul, gather/scatter, activation and the rest")
     p.add_argument("--glibc-default", action="store_true", help="leave glibc returning freed blocks over 32 MB to the OS")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, choices=["inductor", "aot_eager"],
+                   help="torch.compile our layers and the dense twins (fullgraph; default backend inductor); the peers "
+                        "stay eager; the first call's seconds (the compile time) get their own column")
     p.add_argument("--sweep", action="store_true", help="cost growth with experts and tokens (SMoE, MH-MoE h=4, HF)")
     p.add_argument("--sweep-experts", type=int, nargs="+", default=list(SWEEP_EXPERTS))
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=list(SWEEP_TOKENS))
@@ -429,7 +506,8 @@ def main() -> None:
         args.max_warmup = 1
     what = "; op time by class as a fraction of the twin's step" if args.breakdown else ""
     shape = "sweep over experts and tokens" if args.sweep else f"tokens={args.tokens}, experts={args.experts}"
-    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, {shape}, "
+    compiled = f"compiled ({args.compile}, ours and twins)" if args.compile else "eager"
+    print(f"# MoE layer fwd+bwd vs dense FFN of equal active FLOPs{what}: d={args.d}, {shape}, {compiled}, "
           f"{where(args.device)}, torch {torch.__version__}, {allocator}")
     sweep(args) if args.sweep else run(args)
 

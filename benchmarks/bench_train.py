@@ -16,6 +16,12 @@ model spends beyond its dense twin, op class by op class.
     python benchmarks/bench_train.py --sizes base --depth 4 --batch 4   # base width, 4 layers (a CPU run)
     python benchmarks/bench_train.py --sizes base --batch 64 --rounds 10   # on a GPU
     python benchmarks/bench_train.py --sizes tiny --breakdown   # ms per step by op class, every variant
+    python benchmarks/bench_train.py --sizes tiny --compile     # every model's blocks compiled (inductor)
+
+With --compile every model's encoder blocks are compiled (`compile_blocks`, as train.compile=true does) and the
+first step's seconds, which compile, are reported apart. "kernels" counts what one step launches (forward passes,
+backward, AdamW): CUDA kernels on a GPU; on the CPU the outermost computing ops (aten ops that are not views or
+allocations, the project's custom ops, inductor's fused C++ kernels).
 """
 
 from __future__ import annotations
@@ -27,15 +33,14 @@ import statistics
 import time
 
 import torch
-from bench_moe import OP_CLASSES, OpTimer
+from bench_moe import OP_CLASSES, OpTimer, launches, profile_inductor_kernels
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
 from mm_moe.constants import IGNORE_INDEX
-from mm_moe.engine import SavedForBackward, init_distributed, pretrain_loss
+from mm_moe.engine import SavedForBackward, compile_blocks, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
-from mm_moe.moe import matched_variants
-from mm_moe.moe.experts import FLOP_FORMULAS
+from mm_moe.moe import cast_weights_once, matched_variants
 
 VARIANTS = ["dense", "smoe", "xmoe", "smoe_share", "finegrained", "mhmoe", "cartesian"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
@@ -69,7 +74,7 @@ def timed_step(model, opt, loss_fn, b: dict, device: torch.device, amp: bool, ti
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with timer or contextlib.nullcontext():
+    with timer or contextlib.nullcontext(), cast_weights_once():  # as the trainer: expert weights cast once a step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = loss_fn(model, b)
         out.loss.backward()
@@ -97,7 +102,7 @@ def interleaved_times(runs: dict, loss_fn, b: dict, device: torch.device, amp: b
 def saved_and_flops(model, loss_fn, b: dict, amp: bool) -> tuple[int, int]:
     """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded; and
     the step's matmul FLOPs, forward and backward (torch's counter, grouped matmuls included)."""
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    counter = FlopCounterMode(display=False)
     with counter:
         with SavedForBackward(exclude=model.parameters()) as saved, \
                 torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
@@ -128,16 +133,21 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=None, help="layers (default: the size's); base on a CPU: 4")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--breakdown", action="store_true", help="also ms per step by op class (timed per op, so slower)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, choices=["inductor", "aot_eager"],
+                   help="compile every model's encoder blocks (default backend inductor); first-step seconds apart")
     args = p.parse_args()
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
     loss_fn = pretrain_loss(ObjectivesConfig())
     peak = next((v for k, v in PEAK_BF16.items() if amp and k in torch.cuda.get_device_name()), None)
+    if args.compile:
+        profile_inductor_kernels()
     print(f"# pretraining step (MLM + MIM + VLM, backward, AdamW), MoE every other layer, depth "
-          f"{args.depth or 'of the size'}, {device}, "
-          f"{'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}")
-    print("| size | model | params | samples/s | vs dense | saved for backward | vs dense |" + (" MFU |" if peak else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if peak else ""))
+          f"{args.depth or 'of the size'}, {device}, {'bf16 autocast' if amp else 'fp32'}, "
+          f"{f'blocks compiled ({args.compile})' if args.compile else 'eager'}, torch {torch.__version__}")
+    print("| size | model | params | samples/s | vs dense | saved for backward | vs dense | kernels |"
+          + (" first step s |" if args.compile else "") + (" MFU |" if peak else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else "") + ("---|" if peak else ""))
     for i, size in enumerate(args.sizes):
         depth = [f"depth={args.depth}"] if args.depth else []
         base = load_config(BEiT3Config, f"configs/model/{size}.yaml", ["moe=null", "moe_layers=none", *depth])
@@ -149,8 +159,11 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             model = BEiT3ForPretraining(with_moe(base, moe)).to(device)
+            if args.compile:
+                compile_blocks(model, args.compile)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
+        first = {name: timed_step(*run, loss_fn, b, device, amp) for name, run in runs.items()}  # compiles, if asked
         times = interleaved_times(runs, loss_fn, b, device, amp, args.rounds)
         dense_t = statistics.median(times["dense"])
         measured = {name: saved_and_flops(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
@@ -159,8 +172,11 @@ def main() -> None:
             t = statistics.median(times[name])
             params = sum(p.numel() for p in model.parameters()) / 1e6
             saved, flops = measured[name]
+            kernels = launches(device, timed_step, *runs[name], loss_fn, b, device, amp)
             row = (f"| {size} | {name} | {params:.1f}M | {n / t:.1f} | {dense_t / t:.2f}x | {saved / 2**20:.0f} MB | "
-                   f"{saved / dense_saved:.2f}x |")
+                   f"{saved / dense_saved:.2f}x | {kernels} |")
+            if args.compile:
+                row += f" {first[name]:.0f} |"
             if peak:
                 row += f" {100 * flops / t / peak:.1f}% |"
             print(row, flush=True)

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             sums, _ = trainer.train_step(batches)
             if trainer.step % args.every == 0 or trainer.step == cfg.train.steps:
                 print(json.dumps({"step": trainer.step, "seconds": round(time.perf_counter() - t0),
-                                  "loss": round(sums["loss"], 3), "val": probes["val"].score(task.model, answers),
+                                  "loss": round(float(sums["loss"]), 3), "val": probes["val"].score(task.model, answers),
                                   "train_open_shape": probes["train"].score(task.model, answers).get("open_shape")}),
                       flush=True)
 

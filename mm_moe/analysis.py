@@ -103,7 +103,7 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
         total, n, merged = 0.0, 0, {}
         for b in batches:
             o = model(images=b["images"], text_ids=b["masked_ids"], text_padding=b["text_padding"],
-                      mlm_labels=b["mlm_labels"])
+                      mlm_labels=b["mlm_labels"], stats=True)
             m = int((b["mlm_labels"] != IGNORE_INDEX).sum())
             total, n = total + o.losses["mlm"].item() * m, n + m
             merged = merge_stats(merged, o.stats)

@@ -289,6 +289,11 @@ class TrainConfig:
     """Shard MoE experts over the ranks (all_to_all dispatch)."""
     tensorboard: bool = False
     """Also log to run_dir/tensorboard."""
+    compile: bool = False
+    """torch.compile every encoder block (regional, fullgraph; `mm_moe.engine.compile_blocks`)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend: inductor (fused kernels), aot_eager (traced forward and backward, run by eager
+    kernels: the graph without the compile time, for checks), eager (dynamo only)."""
 
 
 @dataclass

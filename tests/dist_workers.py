@@ -101,7 +101,7 @@ def accumulation_run(run_dir: str, grad_accum: int, world: int, rank: int) -> Tr
         rows = slice((m % grad_accum) * per + rank * (per // world), (m % grad_accum) * per + (rank + 1) * (per // world))
         batches.append({"images": images[rows], "text_ids": ids[rows], "targets": targets[rows]})
     task = Task(tiny_vqa(moe=True), lambda epoch: batches,
-                lambda model, b: model(b["images"], b["text_ids"], None, b["targets"]), lambda b: 0)
+                lambda model, b, stats=False: model(b["images"], b["text_ids"], None, b["targets"], stats=stats), lambda b: 0)
     return Trainer(task, cfg, DistInfo(rank, world))
 
 
@@ -130,9 +130,9 @@ def balancing_on_two_ranks(rank: int, world: int, out_dir: str) -> None:
     layer = balancing_layer()
     x = balancing_batch()
     half = x.shape[0] // world
-    layer(x[rank * half:(rank + 1) * half])
-    layer.aux_loss.backward()
-    aux = layer.aux_loss.detach().clone()
+    aux = layer(x[rank * half:(rank + 1) * half]).aux_loss
+    aux.backward()
+    aux = aux.detach().clone()
     dist.all_reduce(aux)
     grads = {}
     for name, p in layer.named_parameters():

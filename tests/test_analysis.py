@@ -52,7 +52,8 @@ def naive_routers(model: torch.nn.Module, skip_first: bool):
             weights.append([v / sum(w) for v in w] if router.renormalize and router.top_k > 1 else w)
         idx_t = torch.tensor(idx).masked_fill(~valid[:, None], -1)
         w_t = torch.tensor(weights).masked_fill(idx_t < 0, 0.0)
-        return RouterOutput(idx_t, w_t, probs, logits, valid, logits.new_zeros(()))
+        counts = torch.stack([(idx_t == e).sum() for e in range(router.num_experts)])
+        return RouterOutput(idx_t, w_t, probs, logits, valid, logits.new_zeros(()), counts)
 
     routers = [m for m in model.modules() if isinstance(m, Router)]
     for r in routers:

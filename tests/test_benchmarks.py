@@ -38,11 +38,13 @@ def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
               "torchscale X-MoE"]
     for routing in ("balanced", "skewed"):
         for layer in layers:
-            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| (\S+)x \| \d+ \|$",
-                            out, re.M)
+            row = re.search(rf"^\| {re.escape(layer)} \| 2 \| {routing} \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| (\S+)x "
+                            rf"\| (\d+) \| (\d+) \|  \| \d+ \|$", out, re.M)
             assert row, f"{layer} {routing}:\n{out}"
             for ratio in (float(row.group(1)), float(row.group(2))):  # time, and bytes saved for backward
                 assert math.isfinite(ratio) and ratio > 0, row.group(0)
+            kernels, twin = int(row.group(3)), int(row.group(4))
+            assert kernels > twin > 0, row.group(0)  # routing, dispatch and combine launch more than a dense FFN
 
 
 def test_bench_moe_breakdown_mode_and_glibc_default():
@@ -50,8 +52,8 @@ def test_bench_moe_breakdown_mode_and_glibc_default():
     assert "glibc default" in out.splitlines()[0]
     assert "| matmul | gather/scatter | activation | other | between ops | twin's matmul |" in out
     for layer in ("smoe", "smoe-swiglu", "xmoe", "mhmoe h=2", "mhmoe h=4", "cartesian"):  # six fractions a row
-        row = re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| \S+x((?: \| \S+){{6}}) \|$",
-                        out, re.M)
+        row = re.search(rf"^\| {re.escape(layer)} \| 2 \| balanced \|.*\| (\S+)x \| [\d.-]+ \| \d+ \| \S+x \| \d+ \| \d+ \| "
+                        rf"((?: \| \S+){{6}}) \|$", out, re.M)
         assert row, f"{layer}:\n{out}"
         ratio, fractions = float(row.group(1)), [float(f) for f in row.group(2).split(" | ")[1:]]
         assert math.isfinite(ratio) and ratio > 0, row.group(0)
@@ -133,7 +135,8 @@ def test_bench_train_reports_throughput_saved_bytes_and_time_by_op_class_for_eve
     classes = header.group(1).split(" | ")
     assert classes == ["matmul", "gather/scatter", "activation", "norm", "routing", "other", "between ops"]
     for variant in ("dense", "smoe", "xmoe", "mhmoe", "cartesian"):
-        row = re.search(rf"^\| tiny \| {variant} \| [\d.]+M \| ([\d.]+) \| ([\d.]+)x \| (\d+) MB \| ([\d.]+)x \|$", out, re.M)
+        row = re.search(rf"^\| tiny \| {variant} \| [\d.]+M \| ([\d.]+) \| ([\d.]+)x \| (\d+) MB \| ([\d.]+)x \| (\d+) \|$",
+                        out, re.M)
         assert row, f"{variant}:\n{out}"
         assert float(row.group(1)) > 0 and float(row.group(4)) > 0
         if variant == "dense":

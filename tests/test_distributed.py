@@ -38,6 +38,7 @@ TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2
         "optim.eps=1e-3"]
 MODES = {"ddp": ["train.distributed=ddp"], "ddp+ep": ["train.distributed=ddp", "train.expert_parallel=true"],
          "fsdp2": ["train.distributed=fsdp2"]}
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
 
 
 class Runs:
@@ -155,6 +156,22 @@ def test_torchrun_training_matches_one_process_on_the_global_batch(runs, task, m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_compiled_torchrun_training_matches_one_process(runs, tmp_path, mode):
+    """Encoder blocks compiled (train.compile=true) under torchrun give the eager one-process run's losses and
+    weights, as the eager torchrun runs do."""
+    run = tmp_path / "compiled"
+    train_cli([*runs.args("pretrain"), *TINY, *MODES[mode], *COMPILED, f"run_dir={run}"], WORLD)
+    ref_run, ref_state = runs.reference("pretrain")
+    for g, w in zip(records(run), records(ref_run), strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
+        assert g["compiled_graphs"] > 0
+    for name, value in weights(run / "step-00000004").items():
+        torch.testing.assert_close(value, ref_state[name], atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp+ep", "fsdp2"])
 def test_sharded_checkpoint_resumes_exactly_at_two_processes(runs, tmp_path, mode):
     run = runs.trained("pretrain", mode)
@@ -256,13 +273,13 @@ def test_global_balance_and_bias_updates_on_two_ranks_equal_one_process_on_the_g
     one-process loss of the whole batch, with the same router gradients; the aux-loss-free biases move alike."""
     dist_workers.spawn(dist_workers.balancing_on_two_ranks, WORLD, str(tmp_path))
     layer = dist_workers.balancing_layer()
-    layer(dist_workers.balancing_batch())
-    layer.aux_loss.backward()
+    aux = layer(dist_workers.balancing_batch()).aux_loss
+    aux.backward()
     dist_workers.update_routers(layer)
     grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"balancing{rank}.pt", weights_only=True)
-        assert got["aux"].item() == pytest.approx(layer.aux_loss.item(), rel=1e-6)
+        assert got["aux"].item() == pytest.approx(aux.item(), rel=1e-6)
         assert got["grads"].keys() == grads.keys() and grads
         for name, g in grads.items():
             torch.testing.assert_close(got["grads"][name], g, atol=1e-7, rtol=1e-5)

@@ -90,7 +90,7 @@ def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
 def _linear_task(batches: list[dict]) -> Task:
     torch.manual_seed(0)
 
-    def loss_fn(m, batch):
+    def loss_fn(m, batch, stats=False):
         loss = (m(batch["x"]) - batch["y"]).pow(2).mean()
         return TaskOutput(loss, loss, torch.zeros(()), {}, {"task": loss})
 
@@ -120,7 +120,7 @@ def test_a_damaged_checkpoint_is_named_skipped_and_the_previous_one_used(tmp_pat
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
-    def loss_fn(m, batch):
+    def loss_fn(m, batch, stats=False):
         loss = m(batch["x"]).sum() * (float("nan") if batch["i"] == 2 else 1.0)
         return TaskOutput(loss, loss, torch.zeros(()), {}, {"task": loss})
 
@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
                     run_dir=str(tmp_path))
     trainer = Trainer(task, cfg)
     assert (tmp_path / "config.yaml").is_file()  # the run folder is written by the trainer
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 3"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*no checkpoint was written yet"):
         trainer.fit()
 
 

@@ -37,12 +37,12 @@ def test_bf16_autocast_forward_backward(variant, dispatch, subln, device):
             m.register_forward_hook(lambda mod, inp, out: routed.append(out))
     x = torch.randn(2, 16, D, device=device, requires_grad=True)
 
-    y32 = layer(x)
+    y32 = layer(x).out
     idx32 = [r.expert_idx for r in routed]
     routed.clear()
     with torch.autocast(device, dtype=torch.bfloat16):
-        y = layer(x)
-        loss = y.float().square().mean() + layer.aux_loss
+        y, aux, _ = layer(x)
+        loss = y.float().square().mean() + aux
     loss.backward()
 
     assert y.dtype == torch.bfloat16

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import build_ffn, cartesian_matched, ffn_cost, matched_variants, mhmoe_matched
-from mm_moe.moe.experts import FLOP_FORMULAS
 
 CONFIGS = {
     "dense": FFNConfig(kind="dense", hidden=48),
@@ -36,10 +35,12 @@ def test_param_count_equals_module_numel(name):
     assert ffn_cost(cfg, D).params == sum(p.numel() for p in layer.parameters())
 
 
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_flops_equal_torch_flop_counter(name):
-    """Per-token forward FLOPs equal what torch's FlopCounterMode counts (matmuls), dropless."""
-    cfg = dataclasses.replace(CONFIGS[name], dispatch="loop")  # the counter sees the per-expert mm calls
+def test_flops_equal_torch_flop_counter(name, dispatch):
+    """Per-token forward FLOPs equal what torch's FlopCounterMode counts (matmuls; the grouped products through the
+    formula mm_moe registers for them), dropless."""
+    cfg = dataclasses.replace(CONFIGS[name], dispatch=dispatch)
     layer = build_ffn(cfg, D)
     tokens = 10
     counter = FlopCounterMode(display=False)
@@ -49,21 +50,22 @@ def test_flops_equal_torch_flop_counter(name):
 
 
 @pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c.kind != "dense"])
-def test_grouped_mm_flops_equal_the_per_expert_mm_count(name):
-    """With FLOP_FORMULAS, torch's counter sees grouped matmuls (forward and both gradients) as the per-expert mm
-    calls they replace, which torch's own mm formula counts; without it, it would count them as 0."""
-    counts = {}
-    for dispatch in ("loop", "grouped_mm"):
-        torch.manual_seed(0)
-        layer = build_ffn(dataclasses.replace(CONFIGS[name], dispatch=dispatch), D)
-        x = torch.randn(10, D, requires_grad=True)
-        counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-        with counter:
-            layer(x).sum().backward()
-        counts[dispatch] = counter.get_flop_counts()["Global"]
-    assert counts["grouped_mm"][torch.ops.aten._grouped_mm] > 0
-    assert torch.ops.aten._grouped_mm not in counts["loop"]
-    assert sum(counts["grouped_mm"].values()) == sum(counts["loop"].values())
+def test_backward_flops_are_twice_the_forward(name):
+    """Every matmul's backward is two matmuls of its size (input and weight gradients): the experts' hand-written
+    backward (recomputing the elementwise work, summing bias gradients per group) must count 2x the forward too,
+    and the per-group sums are not counted as matmuls."""
+    torch.manual_seed(0)
+    layer = build_ffn(CONFIGS[name], D)
+    x = torch.randn(10, D, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        y = layer(x).out
+    forward = counter.get_total_flops()
+    with counter:
+        y.sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert torch.ops.mm_moe.grouped_mm in counts and torch.ops.mm_moe.group_sums not in counts
+    assert counter.get_total_flops() == 2 * forward
 
 
 def test_mhmoe_worked_examples_from_reference():

@@ -90,8 +90,7 @@ def test_stats_hand_computed_for_forced_routing():
         layer.router.proj.weight[2] = 10.0
     x = torch.rand(1, 6, 4) + 0.5  # positive, so expert 2's logit is the largest
     pad = torch.tensor([[False] * 5 + [True]])
-    layer(x, padding_mask=pad)
-    s = layer.last_stats
+    s = layer(x, padding_mask=pad, stats=True).stats
     assert s.counts.tolist() == [[0, 0, 5, 0]]
     assert int(s.num_tokens) == 5
     assert s.activation_ratio() == 0.25  # one expert of four
@@ -138,7 +137,7 @@ def test_activation_by_modality():
 def test_entropy_of_uniform_router_is_log_e():
     probs = torch.full((3, 4), 0.25)
     out = RouterOutput(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), probs, probs.log(),
-                       torch.ones(3, dtype=torch.bool), torch.zeros(()))
+                       torch.ones(3, dtype=torch.bool), torch.zeros(()), torch.tensor([3, 0, 0, 0]))
     assert RoutingStats.from_router(out).mean_entropy == pytest.approx(math.log(4))
 
 
@@ -147,8 +146,7 @@ def test_cartesian_pair_counts_are_consistent():
     layer = build_ffn(FFNConfig(kind="cartesian", hidden=8, num_experts=5, top_k=2, num_shared_experts=1), 16)
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[2, 5:] = True
-    layer(torch.randn(3, 7, 16), padding_mask=pad)
-    s = layer.last_stats
+    s = layer(torch.randn(3, 7, 16), padding_mask=pad, stats=True).stats
     n = int(s.num_tokens)
     assert n == 19 and s.counts.shape == (2, 5)
     assert int(s.pair_counts.sum()) == n * 2 * 2  # every token uses kA x kB pairs
@@ -169,7 +167,7 @@ def test_renormalize_is_a_no_op_at_top1(kind):
                         num_shared_experts=1 if kind == "cartesian" else 0)
         layer = build_ffn(cfg, 8)
         x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
-        layer(x).square().sum().backward()
+        layer(x).out.square().sum().backward()
         grads[renormalize] = {n: p.grad.clone() for n, p in layer.named_parameters() if "router" in n}
     assert grads[False].keys() == grads[True].keys() and grads[True]
     for name, g in grads[True].items():
@@ -216,10 +214,8 @@ def test_global_balance_loss_uses_the_counts_of_the_steps_micro_batches():
     seen = []
     layer.router.register_forward_hook(lambda m, i, o: seen.append(o))
     a, b = torch.randn(7, 6), torch.randn(5, 6)
-    layer(a)
-    first = layer.aux_loss
-    layer(b)
-    second = layer.aux_loss
+    first = layer(a).aux_loss
+    second = layer(b).aux_loss
     top1 = [o.expert_idx[:, 0] for o in seen]
     assert first.item() == pytest.approx(0.01 * balance_loss(seen[0].probs, top1[0], seen[0].valid).item())
     both = torch.bincount(torch.cat(top1), minlength=4).float()  # f of both micro-batches, P of the second

@@ -2,6 +2,7 @@
 optimizer and schedule, metric logging."""
 
 from mm_moe.engine.checkpoint import latest_checkpoint, list_checkpoints, load_run_config, load_weights, resolve_checkpoint
+from mm_moe.engine.compile import compile_blocks, compiled_graphs, configure_compile
 from mm_moe.engine.distributed import DistInfo, finish_distributed, gradient_sync, init_distributed, wrap_model
 from mm_moe.engine.memory import SavedForBackward, keep_freed_memory
 from mm_moe.engine.metrics import MetricsLogger, plot_curves, read_metrics
@@ -10,6 +11,7 @@ from mm_moe.engine.tasks import build_finetune, build_pretrain, build_task, enco
 from mm_moe.engine.trainer import Task, Trainer
 
 __all__ = [
+    "configure_compile", "compile_blocks", "compiled_graphs",
     "DistInfo", "init_distributed", "finish_distributed", "wrap_model", "gradient_sync", "keep_freed_memory", "SavedForBackward",
     "Task", "Trainer", "build_task", "build_pretrain", "build_finetune", "pretrain_loss", "encoder_tokens",
     "build_optimizer", "build_schedule", "MetricsLogger", "plot_curves", "read_metrics",

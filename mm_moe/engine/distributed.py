@@ -84,9 +84,11 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     raise ValueError(f"distributed mode must be none, ddp or fsdp2, got {mode!r}")
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale every gradient so that their global norm (over all ranks' expert and non-expert gradients) is at
-    most `max_norm`, as torch.nn.utils.clip_grad_norm_ does in one process; returns the norm before clipping.
+    most `max_norm`, as torch.nn.utils.clip_grad_norm_ does in one process; returns the norm before clipping, as
+    a float64 scalar on the device (nothing here waits for the device: the scale is clamped to 1 there, and a
+    product with 1.0 is exact).
 
     Data-parallel gradients are equal on every rank after the all-reduce; FSDP2 shards and expert-parallel
     slices differ per rank, so their squared norms are summed over ranks. Squares are summed in float64: a
@@ -110,10 +112,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
             same += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
     if dist.is_initialized() and (experts or any(isinstance(g, DTensor) for g in grads)):
         dist.all_reduce(split)  # on the parameters' device: CPU for gloo, CUDA for NCCL
-    total = float((same + split).sqrt())
-    coef = max_norm / (total + 1e-6)
-    if coef < 1:
-        torch._foreach_mul_(grads, coef)
+    total = (same + split).sqrt()
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
     return total
 
 

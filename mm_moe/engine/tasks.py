@@ -37,6 +37,7 @@ from mm_moe.eval import (
     write_predictions,
 )
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
+from mm_moe.moe.stats import merge_stats
 
 
 def encoder_tokens(patch_size: int) -> Callable[[dict], int]:
@@ -55,11 +56,13 @@ def encoder_tokens(patch_size: int) -> Callable[[dict], int]:
     return count
 
 
-def pretrain_loss(weights: ObjectivesConfig) -> Callable[[nn.Module, dict], TaskOutput]:
-    """MLM on text alone, MIM on images alone, VLM on the pairs; one summed loss (+ aux of every pass)."""
+def pretrain_loss(weights: ObjectivesConfig) -> Callable[..., TaskOutput]:
+    """MLM on text alone, MIM on images alone, VLM on the pairs; one summed loss (+ aux of every pass). With
+    `stats`, the routing statistics of every MoE layer over all three passes (the vision branches see the MIM and
+    VLM passes' image tokens, the language branches the MLM and VLM passes' text)."""
 
-    def loss_fn(model: nn.Module, batch: dict) -> TaskOutput:
-        losses, aux, stats, logits = {}, 0.0, {}, None
+    def loss_fn(model: nn.Module, batch: dict, stats: bool = False) -> TaskOutput:
+        losses, aux, layer_stats, logits = {}, 0.0, {}, None
         passes = {
             "mlm": dict(text_ids=batch["masked_ids"], text_padding=batch["text_padding"], mlm_labels=batch["mlm_labels"]),
             "mim": dict(images=batch["images"], patch_mask=batch["patch_mask"]),
@@ -69,13 +72,13 @@ def pretrain_loss(weights: ObjectivesConfig) -> Callable[[nn.Module, dict], Task
         for name, kwargs in passes.items():
             if not getattr(weights, name):
                 continue
-            out = model(**kwargs)
+            out = model(**kwargs, stats=stats)
             losses[name] = next(iter(out.losses.values()))
             aux = aux + out.aux_loss
-            stats = stats or out.stats
+            layer_stats = merge_stats(layer_stats, out.stats)
             logits = out.logits
         total = sum(getattr(weights, k) * v for k, v in losses.items()) + aux
-        return TaskOutput(logits, total, aux, stats, losses)
+        return TaskOutput(logits, total, aux, layer_stats, losses)
 
     return loss_fn
 
@@ -169,22 +172,24 @@ def build_finetune(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1
                         m.max_text_len)
         source = f"data.vqa_train_questions={d.vqa_train_questions}"
         return Task(BEiT3ForVQA(m, len(vocab)), loader(ds, source),
-                    lambda model, b: model(b["images"], b["text_ids"], b["text_padding"], b["targets"]), tokens, vocab,
+                    lambda model, b, stats=False: model(b["images"], b["text_ids"], b["text_padding"], b["targets"],
+                                                        stats=stats), tokens, vocab,
                     source, *finetune_evaluator(cfg, tokenizer, vocab.answers))
     if cfg.task == "nlvr2":
         ds = NLVR2Dataset(d.nlvr2_train, d.nlvr2_images, tokenizer, train_tf, m.max_text_len)
         source = f"data.nlvr2_train={d.nlvr2_train}"
         return Task(BEiT3ForNLVR2(m), loader(ds, source),
-                    lambda model, b: model(b["images_left"], b["images_right"], b["text_ids"], b["text_padding"],
-                                           b["labels"]), tokens, None, source, *finetune_evaluator(cfg, tokenizer))
+                    lambda model, b, stats=False: model(b["images_left"], b["images_right"], b["text_ids"],
+                                                        b["text_padding"], b["labels"], stats=stats),
+                    tokens, None, source, *finetune_evaluator(cfg, tokenizer))
     if cfg.task == "caption":
         ds = CaptionDataset(d.karpathy, d.coco_images, tokenizer, train_tf, max_text_len=m.max_text_len)
         never = set(tokenizer.all_special_ids) - {tokenizer.sep_token_id}  # [SEP] ends a caption: it is predicted too
 
-        def loss_fn(model: nn.Module, b: dict) -> TaskOutput:
+        def loss_fn(model: nn.Module, b: dict, stats: bool = False) -> TaskOutput:
             inputs, labels = mask_caption(b["text_ids"], b["text_padding"], d.caption_mask_prob,
                                           tokenizer.mask_token_id, never, b["mask_seeds"])
-            return model(b["images"], inputs, b["text_padding"], labels)
+            return model(b["images"], inputs, b["text_padding"], labels, stats=stats)
 
         source = f"data.karpathy={d.karpathy}"
         return Task(BEiT3ForCaptioning(m), loader(ds, source), loss_fn, tokens, None, source,

@@ -10,6 +10,7 @@ data position (epoch, batches consumed), then fast-forwards the epoch's loader t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -34,13 +35,15 @@ from mm_moe.engine.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from mm_moe.engine.compile import compile_blocks, compiled_graphs
 from mm_moe.engine.distributed import DistInfo, clip_grad_norm, gradient_sync, reduce_mean, wrap_model
 from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.model import TaskOutput
+from mm_moe.moe.experts import cast_weights_once
 from mm_moe.moe.parallel import shard_experts
 from mm_moe.moe.routing import update_routers
-from mm_moe.moe.stats import mean_imbalance
+from mm_moe.moe.stats import RoutingStats, activation_by_modality, mean_imbalance, merge_stats
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,9 @@ class Task:
     """The bare model: trained (through its distributed wrapper), saved and returned."""
     loader: Callable[[int], Iterable[dict]]
     """Batches of one epoch, the same for the same epoch number."""
-    loss_fn: Callable[[nn.Module, dict], TaskOutput]
-    """Forward of one batch through the (wrapped) model; the output's loss includes the MoE aux loss."""
+    loss_fn: Callable[..., TaskOutput]
+    """loss_fn(model, batch, stats=False): forward of one batch through the (wrapped) model; the output's loss
+    includes the MoE aux loss, and with stats=True its `stats` hold every MoE layer's routing statistics."""
     tokens: Callable[[dict], int]
     """Tokens the encoder processes for a batch (throughput logging)."""
     answer_vocab: AnswerVocab | None = None
@@ -72,12 +76,12 @@ class Task:
 class TaskModule(nn.Module):
     """A task's model and loss function as one module: the forward of a whole step, for DDP / FSDP2 to wrap."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], TaskOutput]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., TaskOutput]) -> None:
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch: dict) -> TaskOutput:
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict, stats: bool = False) -> TaskOutput:
+        return self.loss_fn(self.model, batch, stats=stats)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -108,12 +112,17 @@ class Trainer:
             shard_experts(self.raw)
         if cfg.train.ema_decay and cfg.train.distributed == "fsdp2" and distributed:
             raise ConfigError("train.ema_decay: EMA is not supported with train.distributed=fsdp2 (use ddp)")
+        ema = cfg.train.ema_decay  # the EMA copy is made before compiling: it stays an eager model
+        self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
+        if cfg.train.compile:
+            compile_blocks(self.raw, cfg.train.compile_backend)
         self.model = wrap_model(TaskModule(self.raw, task.loss_fn), cfg.train.distributed, self.info)
+        # one cast of the expert weights per step (under FSDP2 the cached copies would outlive the resharding)
+        self.cast_once = cfg.train.distributed != "fsdp2" or not distributed
         self.optimizer = build_optimizer(self.raw, cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = autocast_dtype(cfg.train.precision, self.info.device)
-        ema = cfg.train.ema_decay
-        self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=self.info.device)  # 0: every loss finite
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.best: float | None = None  # the best validation score so far (task.best_metric)
         self.scores: dict[str, float] = {}  # the latest validation
@@ -197,27 +206,30 @@ class Trainer:
                                  "(no readable sample; see the skipped-sample warnings above)")
             self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], float | None]:
-        """One optimizer step over grad_accum micro-batches; returns this rank's sums for logging and the
-        gradient norm before clipping (None when clipping is off)."""
+    def train_step(self, batches: Iterator[dict], stats: bool = False) -> tuple[dict[str, Any], Tensor | None]:
+        """One optimizer step over grad_accum micro-batches. Returns this rank's sums for logging, kept on the device
+        (loss and aux loss; tokens and skipped samples counted on the host), with the routing statistics of every MoE
+        layer over the step's micro-batches when `stats`, and the gradient norm before clipping (None when clipping
+        is off). Nothing here waits for the device: a non-finite loss is noted on the device (`check_finite`)."""
         accum = self.cfg.train.grad_accum
-        sums = dict.fromkeys(("loss", "aux", "tokens", "skipped", "imbalance"), 0.0)
-        for micro in range(accum):
-            batch = to_device(next(batches), self.info.device)
-            with gradient_sync(self.model, micro == accum - 1):
-                with torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    out = self.model(batch)
-                if not torch.isfinite(out.loss):
-                    terms = {k: v.item() for k, v in out.losses.items()}
-                    raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step + 1} (losses {terms}, "
-                                             f"aux {out.aux_loss.item()}); stopping. Resume from "
-                                             f"{latest_checkpoint(self.run_dir)} with a lower lr")
-                (out.loss / accum).backward()
-            sums["loss"] += out.loss.item() / accum
-            sums["aux"] += out.aux_loss.item() / accum
-            sums["imbalance"] += mean_imbalance(out.stats) / accum
-            sums["tokens"] += self.task.tokens(batch)
-            sums["skipped"] += batch.get("num_skipped", 0)
+        sums: dict[str, Any] = {"loss": 0.0, "aux": 0.0, "tokens": 0, "skipped": 0, "stats": {}}
+        with cast_weights_once() if self.cast_once else contextlib.nullcontext():
+            for micro in range(accum):
+                cpu_batch = next(batches)
+                sums["tokens"] += self.task.tokens(cpu_batch)
+                sums["skipped"] += cpu_batch.get("num_skipped", 0)
+                batch = to_device(cpu_batch, self.info.device)
+                with gradient_sync(self.model, micro == accum - 1):
+                    with torch.autocast(self.info.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                        out = self.model(batch, stats=stats)
+                    (out.loss / accum).backward()
+                loss = out.loss.detach()
+                self.first_bad_step = torch.where((self.first_bad_step == 0) & ~torch.isfinite(loss), self.step + 1,
+                                                  self.first_bad_step)
+                sums["loss"] = sums["loss"] + loss / accum
+                sums["aux"] = sums["aux"] + out.aux_loss.detach() / accum
+                if stats:
+                    sums["stats"] = merge_stats(sums["stats"], out.stats)
         grad_norm = clip_grad_norm(self.raw, self.cfg.optim.clip_grad) if self.cfg.optim.clip_grad else None
         self.optimizer.step()
         update_routers(self.raw)
@@ -228,6 +240,45 @@ class Trainer:
         self.step += 1
         return sums, grad_norm
 
+    def check_finite(self) -> None:
+        """Raise if a loss since the start was not finite (a host read: called at logging steps and before saves, so
+        that a diverged model is never saved)."""
+        bad = int(self.first_bad_step)
+        if bad:
+            ckpt = latest_checkpoint(self.run_dir)
+            where = f"resume from {ckpt}" if ckpt is not None else "no checkpoint was written yet: start again"
+            raise FloatingPointError(f"non-finite loss at step {bad} (found at step {self.step}); stopping: {where} "
+                                     "with a lower optim.lr")
+
+    def _record(self, window: dict[str, Any], steps: int, seconds: float, grad_norm: Tensor | None,
+                layer_stats: dict[str, RoutingStats]) -> dict[str, Any]:
+        """The metrics.jsonl record of a logging step: means over the window's steps (and ranks), and the routing
+        statistics of the logging step itself, overall and by modality branch (none for a dense model)."""
+        values = {"loss": float(window["loss"]) / steps, "aux": float(window["aux"]) / steps,
+                  "tokens": float(window["tokens"]), "skipped": float(window["skipped"])}
+        if layer_stats:
+            values["imbalance"] = mean_imbalance(layer_stats)
+            for modality, suffix in (("vision", ".v"), ("language", ".l")):
+                branch = {n: s for n, s in layer_stats.items() if n.endswith(suffix)}
+                if branch:
+                    values[f"imbalance_{modality}"] = mean_imbalance(branch)
+            values |= {f"activation_{k}": v for k, v in activation_by_modality(layer_stats).items()}
+        values = reduce_mean(values, self.info.device, sums=("tokens", "skipped"))  # over ranks, once per record
+        record = {"step": self.step, "loss": values["loss"], "aux_loss": values["aux"],
+                  "lr": self.optimizer.param_groups[-1]["lr"], "tokens_per_s": values["tokens"] / seconds,
+                  "skipped_samples": int(values["skipped"])}
+        if "imbalance" in values:
+            record["load_imbalance"] = values["imbalance"]
+        record |= {f"load_imbalance_{m}": values[f"imbalance_{m}"] for m in ("vision", "language")
+                   if f"imbalance_{m}" in values}
+        record |= {f"expert_activation_{m}": values[f"activation_{m}"] for m in ("vision", "language")
+                   if f"activation_{m}" in values}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self.cfg.train.compile:
+            record["compiled_graphs"] = compiled_graphs()
+        return record
+
     def fit(self) -> nn.Module:
         """Train to train.steps; returns the bare model (EMA weights copied in when EMA is on)."""
         cfg = self.cfg.train
@@ -235,31 +286,30 @@ class Trainer:
         batches = self._batches()
         with tqdm(total=cfg.steps, initial=self.step, disable=not self.info.is_main, desc="train",
                   dynamic_ncols=True) as bar:
-            window: dict[str, float] = {}  # sums over the steps since the last record
+            window: dict[str, Any] = {}  # sums over the steps since the last record
             steps_in_window, t0 = 0, time.perf_counter()
             while self.step < cfg.steps:
-                sums, grad_norm = self.train_step(batches)
-                window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
+                logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                sums, grad_norm = self.train_step(batches, stats=logging_step)
+                layer_stats = sums.pop("stats")
+                window = {k: window.get(k, 0) + v for k, v in sums.items()}
                 steps_in_window += 1
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    # over ranks, once per record rather than every step: the window's sums are linear
-                    window = reduce_mean(window, self.info.device, sums=("tokens", "skipped"))
-                    record = {"step": self.step, "loss": window["loss"] / steps_in_window,
-                              "aux_loss": window["aux"] / steps_in_window, "lr": self.optimizer.param_groups[-1]["lr"],
-                              "tokens_per_s": window["tokens"] / (time.perf_counter() - t0),
-                              "load_imbalance": window["imbalance"] / steps_in_window,
-                              "skipped_samples": int(window["skipped"])}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
+                if logging_step:
+                    self.check_finite()
+                    record = self._record(window, steps_in_window, time.perf_counter() - t0, grad_norm, layer_stats)
                     self.metrics.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}", balance=f"{record['load_imbalance']:.2f}")
+                    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                             "tok_s": f"{record['tokens_per_s']:.0f}"}
+                    if "load_imbalance" in record:
+                        shown["balance"] = f"{record['load_imbalance']:.2f}"
+                    bar.set_postfix(shown)
                     window, steps_in_window, t0 = {}, 0, time.perf_counter()
                 if self.task.evaluate is not None and (self.step == cfg.steps or (
                         cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
                     self.validate()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.check_finite()
                     self.save()
         self.metrics.close()
         if self.info.is_main:

@@ -75,16 +75,17 @@ class BEiT3(nn.Module):
         return x, split, padding
 
     def forward(self, images: Tensor | None = None, text_ids: Tensor | None = None, text_padding: Tensor | None = None,
-                patch_mask: Tensor | None = None, attn_mask: Tensor | None = None) -> EncoderOutput:
+                patch_mask: Tensor | None = None, attn_mask: Tensor | None = None, stats: bool = False) -> EncoderOutput:
         """images[B, C, H, W] and/or text_ids Long[B, L]; text_padding Bool[B, L] (True: pad);
-        patch_mask Bool[B, num_patches] (True: masked patch); attn_mask Bool[N, N] (True: may attend)."""
+        patch_mask Bool[B, num_patches] (True: masked patch); attn_mask Bool[N, N] (True: may attend);
+        stats: also return the routing statistics of every MoE layer."""
         x, split, padding = self.embed(images, text_ids, text_padding, patch_mask)
         mask = None
         if padding is not None:
             mask = (~padding)[:, None, None, :]  # [B, 1, 1, N] keys that may be attended
         if attn_mask is not None:
             mask = attn_mask[None, None] if mask is None else mask & attn_mask[None, None]
-        return self.encoder(x, split, mask, padding)
+        return self.encoder(x, split, mask, padding, stats=stats)
 
     def encode_image(self, images: Tensor) -> KVCache:
         """Encode images alone and keep every block's keys/values of their tokens. Under the captioning mask image

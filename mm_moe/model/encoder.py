@@ -1,5 +1,6 @@
 """Multiway Transformer encoder: shared attention over [vision | text] with modality-specific projections,
-norms and FFN branches (pre-LN, sub-LN as in torchscale BEiT-3); collects MoE aux losses and routing stats.
+norms and FFN branches (pre-LN, sub-LN as in torchscale BEiT-3); sums the MoE aux losses each block returns
+and, when asked, collects their routing statistics.
 
 One code path for training and cached decoding: a block given a `KVCache` attends to the cached keys/values
 of earlier tokens as well as to its own tokens, and appends what the cache keeps.
@@ -17,16 +18,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mm_moe.config import FFNConfig, moe_layer_ids
-from mm_moe.model.multiway import Multiway
+from mm_moe.model.multiway import Multiway, MultiwayFFN
 from mm_moe.moe import RoutingStats, build_ffn
-from mm_moe.moe.layers import MoELayer
 
 
 @dataclass
 class EncoderOutput:
     hidden: Tensor  # [B, N, d] after the final (multiway) LayerNorm
     aux_loss: Tensor  # f32 scalar: sum of every MoE layer's weighted aux loss
-    stats: dict[str, RoutingStats] = field(default_factory=dict)  # per MoE layer name
+    stats: dict[str, RoutingStats] = field(default_factory=dict)  # per MoE layer name (blocks.i.ffn.v / .l), if asked
     split: int = 0  # number of vision tokens at the start of the sequence
 
 
@@ -123,7 +123,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = _norm(d_model, eps)
         self.attn = Attention(d_model, heads, subln, eps, layer_idx)
-        self.ffn = Multiway(build_ffn(ffn_v, d_model, eps), build_ffn(ffn_l, d_model, eps) if ffn_l is not None else None)
+        self.ffn = MultiwayFFN(build_ffn(ffn_v, d_model, eps), build_ffn(ffn_l, d_model, eps) if ffn_l is not None else None)
         # a layer that owns its residual norm (CartesianMoE) gets the un-normalised stream
         self.ffn_norm = Multiway(nn.Identity()) if self.ffn.v.owns_residual_norm else _norm(d_model, eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -131,10 +131,12 @@ class Block(nn.Module):
         self.ls_ffn = LayerScale(d_model, layer_scale) if layer_scale else nn.Identity()
 
     def forward(self, x: Tensor, split: int, mask: Tensor | None, padding_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        """x[B, N, d]; see Encoder.forward. With `cache`, x are new tokens that also attend to the cached ones."""
+                cache: KVCache | None = None, stats: bool = False) -> tuple[Tensor, Tensor, dict[str, RoutingStats]]:
+        """x[B, N, d]; see Encoder.forward. With `cache`, x are new tokens that also attend to the cached ones.
+        Returns the new x, the FFN's aux loss, and its routing statistics by branch ("v", "l") when asked for."""
         x = x + self.drop_path(self.ls_attn(self.attn(self.attn_norm(x, split), split, mask, cache)))
-        return x + self.drop_path(self.ls_ffn(self.ffn(self.ffn_norm(x, split), split, padding_mask=padding_mask)))
+        y, aux, branch_stats = self.ffn(self.ffn_norm(x, split), split, padding_mask, stats)
+        return x + self.drop_path(self.ls_ffn(y)), aux, branch_stats
 
 
 class Encoder(nn.Module):
@@ -156,22 +158,31 @@ class Encoder(nn.Module):
         self.norm = _norm(d_model, eps)
         self.grad_checkpointing = grad_checkpointing
 
-    def moe_layers(self) -> dict[str, MoELayer]:
-        """Every MoE FFN module by name."""
-        return {n: m for n, m in self.named_modules() if isinstance(m, MoELayer)}
-
     def forward(self, x: Tensor, split: int, mask: Tensor | None = None, padding_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> EncoderOutput:
+                cache: KVCache | None = None, stats: bool = False) -> EncoderOutput:
         """x[B, N, d] embeddings; mask Bool[B or 1, 1, N, N_kv] (True: may attend); padding_mask Bool[B, N]
-        (True: pad); cache: keys/values of earlier tokens that x attends to as well (inference)."""
-        moe = self.moe_layers()
-        for m in moe.values():  # a branch that sees no tokens this time must not report stale values
-            m.aux_loss, m.last_stats = x.new_zeros((), dtype=torch.float32), None
-        for block in self.blocks:
+        (True: pad); cache: keys/values of earlier tokens that x attends to as well (inference); stats: also
+        return every MoE layer's routing statistics (on the device: reading them is up to the caller)."""
+        aux = x.new_zeros((), dtype=torch.float32)
+        all_stats: dict[str, RoutingStats] = {}
+        _tokens_dynamic(x, mask, padding_mask)
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, split, mask, padding_mask, use_reentrant=False)
+                x, block_aux, block_stats = checkpoint(block, x, split, mask, padding_mask, None, stats, use_reentrant=False)
             else:
-                x = block(x, split, mask, padding_mask, cache)
-        aux = sum((m.aux_loss for m in moe.values()), x.new_zeros((), dtype=torch.float32))
-        stats = {n: m.last_stats for n, m in moe.items() if m.last_stats is not None}
-        return EncoderOutput(self.norm(x, split), aux, stats, split)
+                x, block_aux, block_stats = block(x, split, mask, padding_mask, cache, stats)
+            aux = aux + block_aux
+            all_stats.update({f"blocks.{i}.ffn.{branch}": s for branch, s in block_stats.items()})
+        return EncoderOutput(self.norm(x, split), aux, all_stats, split)
+
+
+def _tokens_dynamic(x: Tensor, mask: Tensor | None, padding_mask: Tensor | None) -> None:
+    """Mark the token dimensions symbolic for compiled blocks (text lengths vary from batch to batch), so their first
+    graph already serves every length; the batch dimension becomes symbolic only if it changes. No effect eagerly."""
+    torch._dynamo.maybe_mark_dynamic(x, 1)
+    if padding_mask is not None:
+        torch._dynamo.maybe_mark_dynamic(padding_mask, 1)
+    if mask is not None:
+        for dim in (2, 3):
+            if mask.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(mask, dim)

@@ -25,7 +25,7 @@ class TaskOutput:
     logits: Tensor
     loss: Tensor | None  # task loss + aux loss, when targets were given
     aux_loss: Tensor  # summed MoE aux loss of every encoder pass
-    stats: dict[str, RoutingStats] = field(default_factory=dict)
+    stats: dict[str, RoutingStats] = field(default_factory=dict)  # per MoE layer, when asked for (stats=True)
     losses: dict[str, Tensor] = field(default_factory=dict)  # the task loss terms, unweighted, for logging
 
 
@@ -159,13 +159,14 @@ class BEiT3ForPretraining(TaskModel):
         self.mim = MIMHead(cfg.d_model, cfg.patch_size, cfg.in_chans, tokenizer)
 
     def forward(self, images: Tensor | None = None, text_ids: Tensor | None = None, text_padding: Tensor | None = None,
-                patch_mask: Tensor | None = None, mlm_labels: Tensor | None = None) -> TaskOutput:
-        """mlm_labels Long[B, L] with IGNORE_INDEX where no prediction is wanted; patch_mask marks patches to reconstruct.
+                patch_mask: Tensor | None = None, mlm_labels: Tensor | None = None, stats: bool = False) -> TaskOutput:
+        """mlm_labels Long[B, L] with IGNORE_INDEX where no prediction is wanted; patch_mask marks patches to reconstruct;
+        stats: also return the routing statistics of every MoE layer (as every task model's `stats`).
 
         With mlm_labels, logits are computed at the labelled positions only ([M, vocab], row-major order):
         the vocabulary projection of every token would dominate the cost of a small model.
         """
-        out = self.beit3(images, text_ids, text_padding, patch_mask=patch_mask)
+        out = self.beit3(images, text_ids, text_padding, patch_mask=patch_mask, stats=stats)
         losses: dict[str, Tensor] = {}
         if text_ids is None:
             logits = out.hidden.new_zeros(0)
@@ -190,9 +191,9 @@ class BEiT3ForVQA(TaskModel):
         _init(self.head)
 
     def forward(self, images: Tensor, text_ids: Tensor, text_padding: Tensor | None = None,
-                targets: Tensor | None = None) -> TaskOutput:
+                targets: Tensor | None = None, stats: bool = False) -> TaskOutput:
         """targets[B, num_answers]: soft scores min(1, 0.3 * n); loss is BEiT-3's BCE-with-logits * num_answers."""
-        out = self.beit3(images, text_ids, text_padding)
+        out = self.beit3(images, text_ids, text_padding, stats=stats)
         logits = self.head(self.pooler(out.hidden))
         losses = {}
         if targets is not None:
@@ -212,12 +213,12 @@ class BEiT3ForNLVR2(TaskModel):
         _init(self.head)
 
     def forward(self, images_left: Tensor, images_right: Tensor, text_ids: Tensor, text_padding: Tensor | None = None,
-                labels: Tensor | None = None) -> TaskOutput:
+                labels: Tensor | None = None, stats: bool = False) -> TaskOutput:
         """labels Long[B]: 1 for True, 0 for False."""
         b = text_ids.shape[0]
         # both passes in one batch: every MoE layer routes left and right tokens together
         out = self.beit3(torch.cat([images_left, images_right]), text_ids.repeat(2, 1),
-                         None if text_padding is None else text_padding.repeat(2, 1))
+                         None if text_padding is None else text_padding.repeat(2, 1), stats=stats)
         pooled = self.pooler(out.hidden)
         logits = self.head(torch.cat([pooled[:b], pooled[b:]], dim=-1))
         losses = {"nlvr2": F.cross_entropy(logits.float(), labels)} if labels is not None else {}
@@ -234,14 +235,14 @@ class BEiT3ForCaptioning(TaskModel):
         _init(self.head)
 
     def forward(self, images: Tensor, text_ids: Tensor, text_padding: Tensor | None = None,
-                labels: Tensor | None = None) -> TaskOutput:
+                labels: Tensor | None = None, stats: bool = False) -> TaskOutput:
         """text_ids contain [MASK] where labels (Long[B, L], IGNORE_INDEX elsewhere) ask for the original token.
 
         With labels, logits are computed at the labelled positions only ([M, vocab], row-major order).
         """
         n_img = self.beit3.vision.num_patches + 1
         mask = caption_mask(n_img, text_ids.shape[1], text_ids.device)
-        out = self.beit3(images, text_ids, text_padding, attn_mask=mask)
+        out = self.beit3(images, text_ids, text_padding, attn_mask=mask, stats=stats)
         logits, loss = _labelled_logits(self.head, out.hidden[:, out.split:], labels)
         return _output(logits, {} if loss is None else {"caption": loss}, out.aux_loss, out.stats)
 

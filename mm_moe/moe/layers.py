@@ -1,7 +1,8 @@
 """FFN layers: DenseFFN, SparseMoE (top-k / X-MoE / shared experts), MHMoE, CartesianMoE, and `build_ffn`.
 
-Contract (design.md): `forward(x[..., d], *, padding_mask=None) -> [..., d]`; after forward,
-`layer.aux_loss` (weighted scalar, 0 for dense) and `layer.last_stats` (RoutingStats, None for dense).
+Contract: `forward(x[..., d], *, padding_mask=None, stats=False) -> FFNOutput(out, aux_loss, stats)`, as
+torchscale's `x, l_aux = moe(x)` plus the routing statistics when asked for (`stats=True`; None otherwise, and
+always for dense). Nothing is stored on the module, so a forward has no side effect a compiled graph must replay.
 Padding tokens are not dispatched to routed experts (their routed output is 0) and never count in
 statistics or the balance loss.
 
@@ -13,6 +14,7 @@ that the block adds to the residual stream.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,14 @@ from mm_moe.config import FFNConfig
 from mm_moe.moe.experts import GroupedExperts, activate
 from mm_moe.moe.routing import RouterOutput, build_router
 from mm_moe.moe.stats import RoutingStats
+
+
+class FFNOutput(NamedTuple):
+    """What every FFN layer returns."""
+
+    out: Tensor  # [..., d]
+    aux_loss: Tensor  # f32 scalar: balance and z losses, already weighted (0 for dense)
+    stats: RoutingStats | None = None  # routing statistics, when asked for
 
 
 def _flatten(x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -45,24 +55,16 @@ class DenseFFN(nn.Module):
         self.gate = nn.Linear(d_model, hidden, bias=bias) if activation == "swiglu" else None
         self.sub_norm = nn.LayerNorm(hidden, eps=eps) if subln else None
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
 
-    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
-        self.aux_loss = x.new_zeros((), dtype=torch.float32)
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, stats: bool = False) -> FFNOutput:
         h = activate(self.fc1(x), self.gate(x) if self.gate is not None else None)
-        return self.fc2(h if self.sub_norm is None else self.sub_norm(h))
+        return FFNOutput(self.fc2(h if self.sub_norm is None else self.sub_norm(h)), x.new_zeros((), dtype=torch.float32))
 
 
 class MoELayer(nn.Module):
-    """Base of the routed layers: holds `aux_loss` and `last_stats` after each forward."""
+    """Base of the routed layers."""
 
     owns_residual_norm = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
 
 
 def _experts(cfg: FFNConfig, d_in: int, eps: float) -> GroupedExperts:
@@ -102,14 +104,13 @@ class SparseMoE(MoELayer):
         self.shared = _shared(cfg, d_model, eps)
         self.coef = nn.Linear(d_model, 2) if self.shared is not None and cfg.shared_gate else None
 
-    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, stats: bool = False) -> FFNOutput:
         flat, valid = _flatten(x, padding_mask)
         r = self.router(flat, valid)
-        y = self.experts(flat, r.expert_idx, r.weights)
+        y = self.experts(flat, r.expert_idx, r.weights, r.counts)
         if self.shared is not None:
-            y = _with_shared(y, self.shared(flat), self.coef, flat)
-        self.aux_loss, self.last_stats = r.aux_loss, RoutingStats.from_router(r)
-        return y.reshape(x.shape)
+            y = _with_shared(y, self.shared(flat).out, self.coef, flat)
+        return FFNOutput(y.reshape(x.shape), r.aux_loss, RoutingStats.from_router(r) if stats else None)
 
 
 class MHMoE(MoELayer):
@@ -136,14 +137,13 @@ class MHMoE(MoELayer):
         nn.init.xavier_uniform_(self.merge.weight)
         nn.init.zeros_(self.merge.bias)
 
-    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, stats: bool = False) -> FFNOutput:
         flat, valid = _flatten(x, padding_mask)
         t = flat.shape[0]
         sub = self.head(flat).reshape(t * self.heads, self.d_sub)  # [T*h, d/h]
-        r = self.router(sub, valid.repeat_interleave(self.heads))
-        y = self.experts(sub, r.expert_idx, r.weights).reshape(t, -1)  # [T, d]
-        self.aux_loss, self.last_stats = r.aux_loss, RoutingStats.from_router(r)
-        return self.merge(y).reshape(x.shape)
+        r = self.router(sub, valid[:, None].expand(t, self.heads).reshape(-1))
+        y = self.experts(sub, r.expert_idx, r.weights, r.counts).reshape(t, -1)  # [T, d]
+        return FFNOutput(self.merge(y).reshape(x.shape), r.aux_loss, RoutingStats.from_router(r) if stats else None)
 
 
 class _RoutedGroup(nn.Module):
@@ -160,9 +160,9 @@ class _RoutedGroup(nn.Module):
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, RouterOutput]:
         h = self.norm(x)
         r = self.router(h, valid)
-        y = self.experts(h, r.expert_idx, r.weights)
+        y = self.experts(h, r.expert_idx, r.weights, r.counts)
         if self.shared is not None:
-            y = _with_shared(y, self.shared(h), self.coef, h)
+            y = _with_shared(y, self.shared(h).out, self.coef, h)
         return y, r
 
 
@@ -183,13 +183,12 @@ class CartesianMoE(MoELayer):
         self.group_a = _RoutedGroup(d_model, cfg, eps)
         self.group_b = _RoutedGroup(d_model, cfg, eps)
 
-    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, stats: bool = False) -> FFNOutput:
         flat, valid = _flatten(x, padding_mask)
         ya, ra = self.group_a(flat, valid)
         yb, rb = self.group_b(flat + ya, valid)
-        self.aux_loss = ra.aux_loss + rb.aux_loss
-        self.last_stats = RoutingStats.cartesian(ra, rb)
-        return (ya + yb).reshape(x.shape)
+        return FFNOutput((ya + yb).reshape(x.shape), ra.aux_loss + rb.aux_loss,
+                         RoutingStats.cartesian(ra, rb) if stats else None)
 
 
 _BUILDERS: dict[str, Callable[[int, FFNConfig, float], nn.Module]] = {

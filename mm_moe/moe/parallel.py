@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from mm_moe.moe.experts import GroupedExperts, combine, compute_dtype, dispatch
+from mm_moe.moe.experts import GroupedExperts, Groups, Rows, compute_dtype, dispatch
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -37,28 +37,36 @@ class ExpertParallelExperts(GroupedExperts):
     def extra_repr(self) -> str:
         return f"experts {self.first}..{self.first + self.num_experts - 1} of {self.global_experts}, " + super().extra_repr()
 
-    def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
+    @torch.compiler.disable
+    def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor | None = None) -> Tensor:
+        """As GroupedExperts.forward. The all_to_all's split sizes are read to the host, so this one call per layer
+        syncs, and torch.compile runs it eagerly between the graphs before and after it."""
         e_local = self.num_experts
-        d = dispatch(expert_idx, self.global_experts)  # rows grouped by global expert, so by destination rank
-        xs = x.index_select(0, d.token).to(compute_dtype(x))  # [N, d]
+        d = dispatch(expert_idx, self.global_experts, counts)  # rows grouped by global expert, so by destination rank
         send = d.counts.view(self.world, e_local)  # [world, E_local]: rows for each expert of each rank
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # recv[r, e]: rows rank r sends to my expert e
         send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
+        kept = sum(send_sizes)  # the skipped rows sort last and are not sent
+        xs = d.token.gather(x.to(compute_dtype(x)))[:kept]  # [kept, d]
         got = xs.new_empty(sum(recv_sizes), xs.shape[1])
         got = dist_fn.all_to_all_single(got, xs, recv_sizes, send_sizes, group=self.group)
         # the combine weights travel with their rows, so the experts return weighted rows and the combine on
-        # this side is a plain scatter-add that keeps nothing of size [rows, d] for backward
-        ws = d.row_weights(weights)
+        # this side is a plain gather-and-sum that keeps nothing of size [rows, d] for backward
+        ws = d.row_weights(weights)[:kept]
         got_w = dist_fn.all_to_all_single(ws.new_empty(sum(recv_sizes)), ws, recv_sizes, send_sizes, group=self.group)
         # received rows are grouped by source rank, then by my local expert: regroup by local expert
-        expert_of_row = torch.repeat_interleave(torch.arange(e_local, device=x.device).repeat(self.world), recv.flatten())
-        perm = torch.argsort(expert_of_row, stable=True)
-        ys = self.grouped_ffn(got, recv.sum(0), got_w.index_select(0, perm), rows=perm)
-        ys = torch.empty_like(got).index_copy(0, perm, ys)
-        back = ys.new_empty(sum(send_sizes), ys.shape[1])
+        n = got.shape[0]
+        expert_of_row = torch.repeat_interleave(torch.arange(e_local, device=x.device).repeat(self.world), recv.flatten(),
+                                                output_size=n)
+        local_expert, perm = torch.sort(expert_of_row, stable=True)
+        regroup = Rows(perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=perm.device)), 1)
+        offs = torch.cumsum(recv.sum(0), 0).to(torch.int32)
+        ys = self.grouped_ffn(got, Groups(offs, local_expert), regroup, got_w.index_select(0, perm))
+        ys = regroup.sum(ys)  # back in the received order
+        back = ys.new_empty(kept, ys.shape[1])
         back = dist_fn.all_to_all_single(back, ys, send_sizes, recv_sizes, group=self.group)
-        return combine(back, d, x.shape[0])
+        return d.token.sum(torch.cat([back, back.new_zeros(d.expert.shape[0] - kept, back.shape[1])]))
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:

@@ -6,7 +6,6 @@ All router math runs in float32, also under autocast: logits, softmax, top-k and
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ class RouterOutput:
     logits: Tensor  # f32[T, E]
     valid: Tensor  # Bool[T]; False for padding
     aux_loss: Tensor  # f32 scalar; balance and z losses, already weighted by their coefficients
+    counts: Tensor  # Long[E]; assignments each expert processes (dispatch and statistics share this one count)
 
 
 def expert_counts(expert_idx: Tensor, valid: Tensor, num_experts: int) -> Tensor:
@@ -64,15 +64,15 @@ def z_loss(logits: Tensor, valid: Tensor) -> Tensor:
     return (lse.square() * valid).sum() / valid.sum().clamp_min(1)
 
 
-def drop_over_capacity(expert_idx: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """Set to -1 the assignments past each expert's capacity.
+def drop_over_capacity(expert_idx: Tensor, num_experts: int, capacity: int | Tensor) -> Tensor:
+    """Set to -1 the assignments past each expert's capacity (a number, or a scalar tensor: no host read).
 
     Priority as in GShard: all first choices before any second choice, then token order.
     """
     t, k = expert_idx.shape
     flat = expert_idx.t().reshape(-1)  # [k*T] choice-major
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=num_experts + 1)  # index 0 counts the -1s
+    counts = count_ids(flat + 1, num_experts + 1)  # index 0 counts the -1s
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order] + 1]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
@@ -148,10 +148,15 @@ class Router(nn.Module):
                 aux = aux + self.z_loss_coef * z_loss(logits, valid)
         expert_idx = expert_idx.masked_fill(~valid[:, None], -1)
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * int(valid.sum()) * self.top_k / self.num_experts)
-            expert_idx = drop_over_capacity(expert_idx, self.num_experts, capacity)
+            expert_idx = drop_over_capacity(expert_idx, self.num_experts, self.capacity(valid.sum()))
         weights = weights.masked_fill(expert_idx < 0, 0.0)
-        return RouterOutput(expert_idx, weights, probs, logits, valid, aux)
+        return RouterOutput(expert_idx, weights, probs, logits, valid, aux, count_ids(expert_idx, self.num_experts))
+
+    def capacity(self, num_valid: Tensor) -> Tensor:
+        """Assignments each expert takes at most, ceil(capacity_factor * valid tokens * k / E), on the device
+        (in float64, the same number Python's math.ceil gives)."""
+        n = num_valid.to(torch.float64)
+        return torch.ceil(self.capacity_factor * n * self.top_k / self.num_experts).long()
 
 
 class TopKRouter(Router):

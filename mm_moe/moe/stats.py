@@ -33,12 +33,10 @@ class RoutingStats:
     def from_router(cls, out: RouterOutput) -> RoutingStats:
         """Statistics of one routing decision."""
         idx = out.expert_idx.detach()
-        num_experts = out.probs.shape[-1]
-        counts = count_ids(idx, num_experts)[None]  # [1, E]
         probs = out.probs.detach()
         entropy = -torch.xlogy(probs, probs).sum(-1)  # [T]
         return cls(
-            counts=counts,
+            counts=out.counts[None],  # [1, E]
             num_tokens=out.valid.sum(),
             top_k=idx.shape[1],
             num_dropped=((idx < 0) & out.valid[:, None]).sum(),
