@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a fine-tuned captioning checkpoint or run directory (or its best/)")
     src.add_argument("--results", type=Path, help="an existing results file to score")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="check the checkpoint's file sizes only, not their sha256 sums (for huge files)")
     p.add_argument("--karpathy", type=Path, required=True, help="Karpathy dataset_coco.json (the ground truth)")
     p.add_argument("--split", default="test", help="Karpathy split (default: test)")
     p.add_argument("--images", type=Path, help="COCO image folder (with --ckpt)")
@@ -56,13 +58,13 @@ def run(args: argparse.Namespace) -> dict:
         from mm_moe.eval import BeamConfig, caption_predictions
         from mm_moe.inference import Captioner
 
-        p = Captioner.from_pretrained(args.ckpt)
+        p = Captioner.from_pretrained(args.ckpt, verify=args.verify)
         cfg = p.cfg
         ds = CaptionDataset(args.karpathy, args.images, p.tokenizer, p.transform, splits=(args.split,),
                             per_image=True, max_text_len=cfg.model.max_text_len)
         beam = BeamConfig(beam_size=args.beam, max_len=cfg.model.max_text_len - 2)
         results = caption_predictions(p.model, ds, p.tokenizer, beam, args.batch_size, p.device)
-        out = args.out or resolve_checkpoint(args.ckpt) / f"caption_results_{args.split}.json"
+        out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"caption_results_{args.split}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} captions to {out}")
     else:

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a fine-tuned NLVR2 checkpoint or run directory")
     src.add_argument("--results", type=Path, help="an existing predictions CSV to score")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="check the checkpoint's file sizes only, not their sha256 sums (for huge files)")
     p.add_argument("--data", type=Path, required=True, help="NLVR2 JSON Lines (dev.json, test1.json)")
     p.add_argument("--images", type=Path, help="image folder (with --ckpt)")
     p.add_argument("--out", type=Path, help="predictions CSV to write (default: next to the checkpoint)")
@@ -45,10 +47,10 @@ def run(args: argparse.Namespace) -> None:
         from mm_moe.eval import nlvr2_predictions
         from mm_moe.inference import NLVR2Predictor
 
-        p = NLVR2Predictor.from_pretrained(args.ckpt)
+        p = NLVR2Predictor.from_pretrained(args.ckpt, verify=args.verify)
         ds = NLVR2Dataset(args.data, args.images, p.tokenizer, p.transform, p.cfg.model.max_text_len)
         predictions = nlvr2_predictions(p.model, ds, args.batch_size, p.device)
-        out = args.out or resolve_checkpoint(args.ckpt) / f"nlvr2_predictions_{args.data.stem}.csv"
+        out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"nlvr2_predictions_{args.data.stem}.csv"
         write_predictions(out, predictions)
         print(f"wrote {len(predictions)} predictions to {out}")
     else:

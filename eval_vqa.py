@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a fine-tuned VQA checkpoint or run directory")
     src.add_argument("--results", type=Path, help="an existing results file to score")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="check the checkpoint's file sizes only, not their sha256 sums (for huge files)")
     p.add_argument("--questions", type=Path, required=True)
     p.add_argument("--annotations", type=Path)
     p.add_argument("--images", type=Path, help="image folder (with --ckpt)")
@@ -49,10 +51,10 @@ def run(args: argparse.Namespace) -> None:
         from mm_moe.eval import vqa_predictions
         from mm_moe.inference import VQAPredictor
 
-        p = VQAPredictor.from_pretrained(args.ckpt)
+        p = VQAPredictor.from_pretrained(args.ckpt, verify=args.verify)
         ds = VQADataset(args.questions, args.images, p.tokenizer, p.transform, max_text_len=p.cfg.model.max_text_len)
         results = vqa_predictions(p.model, ds, p.answers, args.batch_size, p.device)
-        out = args.out or resolve_checkpoint(args.ckpt) / f"vqa_results_{args.questions.stem}.json"
+        out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"vqa_results_{args.questions.stem}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} answers to {out}")
     else:

@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
         sp.add_argument("--upcycle", action="store_true",
                         help="with --init of a dense checkpoint: build the config's MoE layers from its FFNs "
                              "(sparse upcycling: SMoE / X-MoE experts copied, MH-MoE / CartesianMoE sliced)")
+        sp.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="with --init of one of our checkpoints: check its file sizes only, not their sha256 sums")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="start in a run_dir that is not empty and holds no mm-moe run (its files are kept, ours "
+                             "written beside them)")
         again = sp.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true",
                            help="continue the run in run_dir from its newest sound checkpoint (an error if it has none)")
@@ -64,23 +69,34 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     """The run: set up, train, evaluate."""
     import torch
 
+    from mm_moe.config import to_dict
     from mm_moe.data import load_tokenizer
     from mm_moe.engine import Trainer, build_task, finish_distributed, init_distributed, latest_checkpoint
     from mm_moe.engine.checkpoint import CheckpointError, init_encoder
+    from mm_moe.engine.run_dir import RESUMABLE, check_run_dir, config_differences, restart_metrics
 
-    info = init_distributed()
-    has_ckpt = latest_checkpoint(cfg.run_dir) is not None
+    run_dir = check_run_dir(cfg.run_dir, args.overwrite)
+    latest = latest_checkpoint(run_dir)
+    has_ckpt = latest is not None
     if has_ckpt and not (args.resume or args.auto_resume):
         raise CheckpointError(f"run_dir={cfg.run_dir} already has checkpoints: pass --resume to continue it, "
                               "or set run_dir=...")
     if args.resume and not has_ckpt:
         raise CheckpointError(f"--resume: run_dir={cfg.run_dir} has no step-* checkpoint to resume "
                               "(use --auto-resume to start when there is none)")
+    if has_ckpt and (changed := config_differences(latest / "config.yaml", to_dict(cfg))):
+        raise ConfigError(f"resume of {cfg.run_dir}: the config differs from {latest.name}'s in {'; '.join(changed)}. "
+                          f"A resumed run keeps its config (only {', '.join(RESUMABLE[1:])} may change); start a new "
+                          "run_dir (with --init) to change it")
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    if not has_ckpt and info.is_main and (aside := restart_metrics(run_dir)) is not None:
+        print(f"run_dir={cfg.run_dir}: no checkpoint to resume, starting again; the earlier records are now {aside}",
+              file=sys.stderr)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     task = build_task(cfg, tokenizer, info.rank, info.world_size)
     if args.init and not has_ckpt:
-        report = init_encoder(task.model, args.init, partial=args.init_partial, upcycle=args.upcycle)
+        report = init_encoder(task.model, args.init, partial=args.init_partial, upcycle=args.upcycle, verify=args.verify)
         if info.is_main:
             print(init_summary(args.init, report), file=sys.stderr)
     trainer = Trainer(task, cfg, info)

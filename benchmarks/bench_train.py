@@ -99,17 +99,28 @@ def interleaved_times(runs: dict, loss_fn, b: dict, device: torch.device, amp: b
     return times
 
 
-def saved_and_flops(model, loss_fn, b: dict, amp: bool) -> tuple[int, int]:
+def saved_and_flops(model, loss_fn, b: dict, amp: bool, flops_model=None) -> tuple[int, int]:
     """Bytes the step's forward passes keep for backward (all of them, so the step's peak), parameters excluded; and
-    the step's matmul FLOPs, forward and backward (torch's counter, grouped matmuls included)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with SavedForBackward(exclude=model.parameters()) as saved, \
-                torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
-            out = loss_fn(model, b)
-        out.loss.backward()  # frees the graph, which the MoE layers' stored aux losses would otherwise keep alive
+    the step's matmul FLOPs, forward and backward (torch's counter, grouped matmuls included), counted on
+    `flops_model` (an eager twin of a compiled model: the counter's dispatch mode cannot run compiled graphs)."""
+    with SavedForBackward(exclude=model.parameters()) as saved, \
+            torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        out = loss_fn(model, b)
+    out.loss.backward()
     model.zero_grad(set_to_none=True)
+    counted = flops_model or model
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(b["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        loss_fn(counted, b).loss.backward()
+    counted.zero_grad(set_to_none=True)
     return saved.bytes, counter.get_total_flops()
+
+
+def eager_twin(model: BEiT3ForPretraining) -> BEiT3ForPretraining:
+    """A model of the same config with the same weights, not compiled."""
+    twin = BEiT3ForPretraining(model.beit3.cfg).to(next(model.parameters()).device)
+    twin.load_state_dict(model.state_dict())
+    return twin
 
 
 def breakdown(runs: dict, loss_fn, b: dict, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
@@ -136,6 +147,8 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, choices=["inductor", "aot_eager"],
                    help="compile every model's encoder blocks (default backend inductor); first-step seconds apart")
     args = p.parse_args()
+    if args.compile and args.breakdown:
+        p.error("--breakdown times every aten op with a dispatch mode, which compiled graphs cannot run under")
     device = init_distributed().device  # as train_mm.py: on CPU, freed memory is kept for reuse
     amp = device.type == "cuda"
     loss_fn = pretrain_loss(ObjectivesConfig())
@@ -166,7 +179,8 @@ def main() -> None:
         first = {name: timed_step(*run, loss_fn, b, device, amp) for name, run in runs.items()}  # compiles, if asked
         times = interleaved_times(runs, loss_fn, b, device, amp, args.rounds)
         dense_t = statistics.median(times["dense"])
-        measured = {name: saved_and_flops(model, loss_fn, b, amp) for name, (model, _) in runs.items()}
+        measured = {name: saved_and_flops(model, loss_fn, b, amp, eager_twin(model) if args.compile else None)
+                    for name, (model, _) in runs.items()}
         dense_saved = measured["dense"][0]
         for name, (model, _) in runs.items():
             t = statistics.median(times[name])

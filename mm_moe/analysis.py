@@ -133,14 +133,16 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory (any task: its encoder is analysed)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="check the checkpoint's file sizes only, not their sha256 sums (for huge files)")
     p.add_argument("--shards", required=True, help="webdataset shards (directory or brace pattern)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, help="default: <checkpoint>/analysis")
     args = p.parse_args(argv)
-    model, cfg = load_pretraining_model(args.ckpt)
+    model, cfg = load_pretraining_model(args.ckpt, args.verify)
     batches = first_batches(args.shards, load_tokenizer(), cfg.model, args.batches, args.batch_size, seed=cfg.train.seed)
-    report = analyze(model, batches, args.out or resolve_checkpoint(args.ckpt) / "analysis")
+    report = analyze(model, batches, args.out or resolve_checkpoint(args.ckpt, args.verify) / "analysis")
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
     return 0
 

@@ -36,6 +36,11 @@ class InputError(ValueError):
     what was given. The CLIs print it on one line, without a traceback."""
 
 
+class RunStopped(RuntimeError):
+    """A run that had to stop, for a reason stated in one line (a non-finite loss, a rank that stopped answering);
+    the CLIs print it like an InputError."""
+
+
 def one_line(err: BaseException) -> str:
     """The message of an error on one line; for one re-raised from a DataLoader worker (whose message is the
     worker's traceback), the original message."""
@@ -47,11 +52,11 @@ def one_line(err: BaseException) -> str:
 
 
 def run_reporting(prog: str, work: Callable[[], Any]) -> int:
-    """A CLI's work: exit status 0 when done; an InputError is printed as `prog: error: message` on one line (no
-    traceback) and gives 1."""
+    """A CLI's work: exit status 0 when done; an InputError or RunStopped is printed as `prog: error: message` on
+    one line (no traceback) and gives 1."""
     try:
         work()
-    except InputError as err:
+    except (InputError, RunStopped) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
@@ -230,6 +235,9 @@ class BEiT3Config:
             raise ConfigError(f"patch_size: expected a divisor of img_size={self.img_size}, got {self.patch_size}")
         if self.vision_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ConfigError(f"patch_size: vision_stem=conv expects a power of two >= 2, got {self.patch_size}")
+        if self.moe is not None and self.moe.kind == "mhmoe" and self.d_model % self.moe.heads:
+            raise ConfigError(f"moe.heads: expected a divisor of d_model={self.d_model} (MH-MoE sub-tokens are "
+                              f"d_model / heads wide), got {self.moe.heads}")
         moe_layer_ids(self.depth, self.moe_layers)
 
 
@@ -289,6 +297,9 @@ class TrainConfig:
     """Shard MoE experts over the ranks (all_to_all dispatch)."""
     tensorboard: bool = False
     """Also log to run_dir/tensorboard."""
+    dist_timeout_s: PosInt = 300
+    """Seconds a torch.distributed collective may wait for the other ranks before the run stops with an error
+    (a frozen or dead rank)."""
     compile: bool = False
     """torch.compile every encoder block (regional, fullgraph; `mm_moe.engine.compile_blocks`)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
@@ -389,6 +400,10 @@ class RunConfig:
     """pretrain | vqa | nlvr2 | caption (set by train_mm.py)."""
     run_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl and checkpoints go."""
+
+    def __post_init__(self) -> None:
+        if self.task == "pretrain" and not any(dataclasses.astuple(self.objectives)):
+            raise ConfigError("objectives: every weight is 0 (mlm, mim, vlm); pretraining needs at least one above 0")
 
 
 # --- loading and validation ---------------------------------------------------------------------------------
@@ -628,7 +643,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "InputError", "ConfigError", "one_line", "run_reporting",
+    "InputError", "ConfigError", "RunStopped", "one_line", "run_reporting",
     "Range", "FFNConfig", "BEiT3Config", "OptimConfig", "TrainConfig", "ObjectivesConfig",
     "PretrainDataConfig", "TaskDataConfig", "RunConfig", "moe_layer_ids",
     "from_dict", "apply_overrides", "read_yaml", "load_config", "to_dict",

@@ -33,11 +33,11 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from mm_moe.config import InputError, RunConfig, run_reporting, to_dict
-from mm_moe.data.common import pad
+from mm_moe.data.common import load_image, pad, to_rgb
 from mm_moe.data.tokenizer import check_tokenizer, load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.data.vqa import AnswerVocab
-from mm_moe.engine.checkpoint import load_run_config, load_weights, resolve_checkpoint
+from mm_moe.engine.checkpoint import load_run_config, load_weights, resolve_checkpoint, write_manifest
 from mm_moe.eval.captioning import BeamConfig, CaptionDecoder
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA
 
@@ -45,12 +45,13 @@ ImageLike = str | Path | Image.Image | Tensor
 """A file path, a PIL image, or an image tensor [3, H, W] already transformed (normalised, model size)."""
 
 
-def load_pretraining_model(ckpt: str | Path) -> tuple[BEiT3ForPretraining, RunConfig]:
-    """The encoder of any task checkpoint inside a BEiT3ForPretraining (MLM / MIM heads random if it had none)."""
-    ckpt = resolve_checkpoint(ckpt)
-    cfg = load_run_config(ckpt)
+def load_pretraining_model(ckpt: str | Path, verify: bool = True) -> tuple[BEiT3ForPretraining, RunConfig]:
+    """The encoder of any task checkpoint inside a BEiT3ForPretraining (MLM / MIM heads random if it had none);
+    the checkpoint is checked against its manifest (`resolve_checkpoint`)."""
+    ckpt = resolve_checkpoint(ckpt, verify)
+    cfg = load_run_config(ckpt, verify)
     model = BEiT3ForPretraining(cfg.model)
-    missing, _ = load_weights(model, ckpt, strict=False)
+    missing, _ = load_weights(model, ckpt, strict=False, verify=verify)
     if any(k.startswith("beit3.") for k in missing):
         raise KeyError(f"{ckpt}: missing encoder weights {[k for k in missing if k.startswith('beit3.')][:5]}")
     if missing:
@@ -77,10 +78,11 @@ class Predictor:
         self.transform = eval_transform(cfg.model.img_size)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
-        """Load from a run directory (its latest checkpoint), a checkpoint folder or a `save_pretrained` folder."""
-        folder = resolve_checkpoint(path)
-        cfg = load_run_config(folder)
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, verify: bool = True) -> Predictor:
+        """Load from a run directory (its latest checkpoint), a checkpoint folder or a `save_pretrained` folder,
+        checked against its manifest (sha256 sums; `verify=False` checks file sizes only)."""
+        folder = resolve_checkpoint(path, verify)
+        cfg = load_run_config(folder, verify)
         if cfg.task != cls.task:
             raise InputError(f"{path}: a {cfg.task!r} model, not {cls.task!r} (use the predictor of its task)")
         tok_dir = _beside(folder, "tokenizer")
@@ -93,7 +95,7 @@ class Predictor:
                 raise InputError(f"{path}: no answers.json in the checkpoint or its run directory")
             answers = AnswerVocab.load(vocab_file).answers
         model = cls.model_class(cfg.model, *([] if answers is None else [len(answers)]))
-        load_weights(model, folder)
+        load_weights(model, folder, verify=verify)
         return cls(model, tokenizer, cfg, answers, device)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -107,6 +109,7 @@ class Predictor:
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if self.answers is not None:
             AnswerVocab(self.answers).save(tmp / "answers.json")
+        write_manifest(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -118,15 +121,19 @@ class Predictor:
         out = []
         for img in images:
             if isinstance(img, str | Path):
-                try:
-                    img = Image.open(img)
-                except OSError as err:
-                    raise InputError(f"{img}: not a readable image ({err})") from err
-            out.append(img if isinstance(img, Tensor) else self.transform(img.convert("RGB")))
+                img = load_image(img)  # 16-bit scaled; unreadable, truncated, oversized: InputError
+            elif isinstance(img, Image.Image):
+                img = to_rgb(img)
+            elif not isinstance(img, Tensor):
+                raise InputError(f"expected an image file, a PIL image or a tensor, got {type(img).__name__}")
+            out.append(img if isinstance(img, Tensor) else self.transform(img))
         return torch.stack(out).to(self.device)
 
     def text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids Long[B, L] and padding Bool[B, L] (True: pad) on the model's device."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError(f"expected text, got {t!r:.60} ({type(t).__name__})")
         ids = pad([self.tokenizer(t, truncation=True, max_length=self.cfg.model.max_text_len)["input_ids"]
                    for t in texts], self.tokenizer.pad_token_id)
         return ids.to(self.device), (ids == self.tokenizer.pad_token_id).to(self.device)
@@ -152,6 +159,8 @@ class VQAPredictor(Predictor):
                top_k: int = 5) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The top_k answers with their scores (sigmoid of the logits: the model is trained with BCE on soft
         scores), best first; lists of images and questions give one list per pair."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k: expected an integer >= 1, got {top_k!r}")
         batched, (imgs, questions) = _batch(image, question)
         ids, padding = self.text(questions)
         scores = self.model(self.images(imgs), ids, padding).logits.float().sigmoid()
@@ -195,6 +204,17 @@ class NLVR2Predictor(Predictor):
         return out if batched else out[0]
 
 
+def _positive(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     """`mm-moe-predict`: answer, caption or judge from the command line (one JSON line per input)."""
     p = argparse.ArgumentParser(prog="mm-moe-predict", description=main.__doc__)
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     vqa = sub.add_parser("vqa", help="answer a question about an image")
     vqa.add_argument("--image", required=True)
     vqa.add_argument("--question", required=True, action="append", help="repeat for several questions")
-    vqa.add_argument("--top-k", type=int, default=5)
+    vqa.add_argument("--top-k", type=_positive, default=5)
     cap = sub.add_parser("caption", help="caption images")
     cap.add_argument("--image", required=True, nargs="+")
     cap.add_argument("--beam", type=int, default=3)
@@ -213,21 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (vqa, cap, nl):
         sp.add_argument("run", help="run directory, checkpoint folder or save_pretrained folder")
         sp.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+        sp.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="check the checkpoint's file sizes only, not their sha256 sums (for huge files)")
     args = p.parse_args(argv)
 
     def work() -> None:
         if args.task == "vqa":
-            predictor = VQAPredictor.from_pretrained(args.run, args.device)
+            predictor = VQAPredictor.from_pretrained(args.run, args.device, args.verify)
             for q, answers in zip(args.question, predictor.answer([args.image] * len(args.question), args.question,
                                                                   args.top_k), strict=True):
                 print(json.dumps({"question": q, "answers": answers}))
         elif args.task == "caption":
-            captions = Captioner.from_pretrained(args.run, args.device).caption(args.image, beam=args.beam)
+            captions = Captioner.from_pretrained(args.run, args.device, args.verify).caption(args.image, beam=args.beam)
             for image, caption in zip(args.image, captions, strict=True):
                 print(json.dumps({"image": image, "caption": caption}))
         else:
-            truth, p_true = NLVR2Predictor.from_pretrained(args.run, args.device).predict(args.left, args.right,
-                                                                                         args.sentence)
+            truth, p_true = NLVR2Predictor.from_pretrained(args.run, args.device, args.verify).predict(
+                args.left, args.right, args.sentence)
             print(json.dumps({"sentence": args.sentence, "true": truth, "p_true": p_true}))
 
     return run_reporting("mm-moe-predict", work)

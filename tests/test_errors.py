@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -318,3 +319,280 @@ def test_make_shards_skips_an_empty_caption_and_says_so(tmp_path, capsys, make_s
     urls = shard_urls(tmp_path / "out")
     with tarfile.open(urls[0]) as tar:
         assert sorted(m.name for m in tar.getmembers() if m.name.endswith(".txt")) == ["a_0.txt"]
+
+
+# --- faults of files, folders and disks (through train_mm.py as users run it) ---------------------------------
+class Payload:
+    """A pickle that would run code when unpickled: creating the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _trained(world: Path, run: Path, *extra: str) -> Path:
+    """A 2-step pretraining run with checkpoints at steps 1 and 2."""
+    assert train_mm.main(pretrain([f"pretrain_data.shards={world}/shards", "train.ckpt_every=1", *extra], run)) == 0
+    return run
+
+
+@pytest.mark.parametrize("target", ["dcp/.metadata", "trainer.pt"])
+def test_an_untrusted_checkpoint_runs_no_code(tmp_path, capsys, world, target):
+    """A pickle payload in the checkpoint, its manifest regenerated (as whoever ships the folder can): resuming
+    refuses it in one line, and nothing runs."""
+    import pickle
+
+    from mm_moe.engine.checkpoint import write_manifest
+
+    run = _trained(world, tmp_path / "r")
+    marker = tmp_path / "pwned"
+    ckpt = run / "step-00000002"
+    (ckpt / target).write_bytes(pickle.dumps(Payload(marker)))
+    (ckpt / "manifest.json").unlink()
+    write_manifest(ckpt)
+    line = error_of(train_mm.main, pretrain([f"pretrain_data.shards={world}/shards", "train.steps=3", "--resume"], run),
+                    capsys)
+    assert str(ckpt / target.split("/")[0]) in line and not marker.exists()
+
+
+def test_run_dir_that_is_not_ours_root_home_or_a_file(tmp_path, capsys, world):
+    shards = f"pretrain_data.shards={world}/shards"
+    for bad, expected in (("/", "is the filesystem root"), (str(Path.home()), "is a home folder")):
+        assert expected in error_of(train_mm.main, pretrain([shards], Path(bad)), capsys)
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in error_of(train_mm.main, pretrain([shards], tmp_path / "file"), capsys)
+    assert "file is a file" in error_of(train_mm.main, pretrain([shards], tmp_path / "file" / "run"), capsys)
+    other = tmp_path / "papers"
+    other.mkdir()
+    (other / "draft.tex").write_text("mine")
+    line = error_of(train_mm.main, pretrain([shards], other), capsys)
+    assert "not empty and holds no mm-moe run (found draft.tex)" in line and "--overwrite" in line
+    assert sorted(p.name for p in other.iterdir()) == ["draft.tex"]  # nothing written
+    assert train_mm.main(pretrain([shards, "--overwrite"], other)) == 0
+    assert (other / "draft.tex").read_text() == "mine" and (other / "step-00000002").is_dir()
+
+
+def test_a_restart_without_a_checkpoint_moves_the_old_records_aside(tmp_path, capsys, world):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "mm_moe_run.json").write_text("{}")  # a run of ours, killed before its first checkpoint
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    assert train_mm.main(pretrain([f"pretrain_data.shards={world}/shards", "--auto-resume"], run)) == 0
+    assert "earlier records are now" in capsys.readouterr().err
+    assert json.loads((run / "metrics.jsonl.1").read_text())["loss"] == 9.0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps.count(1) == 1
+
+
+def test_resume_with_another_config_names_the_keys_and_writes_nothing(tmp_path, capsys, world):
+    run = _trained(world, tmp_path / "r")
+    before = (run / "config.yaml").read_text()
+    line = error_of(train_mm.main, pretrain([f"pretrain_data.shards={world}/shards", "model.depth=3", "optim.lr=0.5",
+                                             "train.steps=3", "--resume"], run), capsys)
+    assert "the config differs from step-00000002's in model.depth: 2 -> 3; optim.lr: 0.001 -> 0.5" in line
+    assert (run / "config.yaml").read_text() == before
+    assert train_mm.main(pretrain([f"pretrain_data.shards={world}/shards", "train.steps=3", "--resume"], run)) == 0
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog, world):
+    run = _trained(world, tmp_path / "r")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a crash during the append
+    with caplog.at_level(logging.WARNING):
+        assert train_mm.main(pretrain([f"pretrain_data.shards={world}/shards", "train.steps=3", "--resume"], run)) == 0
+    assert "last line is torn" in caplog.text
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused_by_every_reader(tmp_path, capsys, world):
+    from mm_moe.inference import VQAPredictor
+
+    run = tmp_path / "vqa"
+    assert train_mm.main(vqa(world, [], run)) == 0
+    weights = run / "step-00000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: same size, other values
+    weights.write_bytes(bytes(data))
+    line = error_of(train_mm.main, vqa(world, ["--init", str(run)], tmp_path / "init"), capsys)
+    assert f"{weights}: sha256 differs from the manifest" in line and "--no-verify" in line
+    images = f"{world}/vqa/images"
+    questions = f"{world}/vqa/v2_OpenEnded_mscoco_val2014_questions.json"
+    line = error_of(eval_vqa.main, ["--ckpt", str(run), "--questions", questions, "--images", images], capsys)
+    assert "sha256 differs from the manifest" in line
+    with pytest.raises(InputError, match="sha256 differs from the manifest"):
+        VQAPredictor.from_pretrained(run)
+    VQAPredictor.from_pretrained(run, verify=False)  # sizes still match: read anyway when asked
+    assert eval_vqa.main(["--ckpt", str(run), "--questions", questions, "--images", images, "--no-verify",
+                          "--out", str(tmp_path / "res.json")]) == 0
+
+
+def _mount_tmpfs(where: Path, size_mb: int) -> bool:
+    import subprocess
+
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disks(tmp_path, monkeypatch):
+    """Two small filesystems: 8 MB, too small for the first checkpoint, and 24 MB, too small for a second one. Real
+    ones (tmpfs) where the tests may mount them (root); elsewhere plain folders whose writes the checkpoint code sees
+    fail as on a full disk (ENOSPC from safetensors' writer, and disk_usage reporting what is left)."""
+    import errno
+    import subprocess
+
+    from mm_moe.engine import checkpoint
+
+    disks = {mb: tmp_path / f"disk{mb}" for mb in (8, 24)}
+    mounted = [path for mb, path in disks.items() if _mount_tmpfs(path, mb)]
+    if len(mounted) < len(disks):
+        sizes = {path: mb * 2**20 for mb, path in disks.items()}
+
+        def usage(path):
+            root = next((p for p in disks.values() if p in (Path(path), *Path(path).parents)), None)
+            if root is None:
+                return real_usage(path)
+            used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            return shutil._ntuple_diskusage(sizes[root], used, sizes[root] - used)
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if usage(Path(filename).parent).free < sum(t.numel() * t.element_size() for t in tensors.values()):
+                raise OSError(errno.ENOSPC, "No space left on device", filename)
+            return real_save_file(tensors, filename, *args, **kwargs)
+
+        real_save_file, real_usage = checkpoint.save_file, shutil.disk_usage
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", usage)
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
+    yield disks
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_full_disk_while_checkpointing(tmp_path, capsys, world, small_disks):
+    """A checkpoint that does not fit stops the run with one line naming the folder and "no space left"; no
+    partial .tmp folder stays; the previous checkpoint is intact and resumes."""
+    shards = f"pretrain_data.shards={world}/shards"
+    line = error_of(train_mm.main, pretrain([shards], small_disks[8] / "r"), capsys)
+    assert f"{small_disks[8] / 'r'}: no space left on device while writing step-00000002" in line
+    assert not list((small_disks[8] / "r").glob("*.tmp"))
+    run = small_disks[24] / "r"
+    line = error_of(train_mm.main, pretrain([shards, "train.ckpt_every=1", "train.keep_last=3"], run), capsys)
+    assert f"{run}: no space left on device for step-00000002" in line and "step-00000001 is intact" in line
+    shutil.copytree(run, tmp_path / "moved")  # room again: the run resumes from its intact checkpoint
+    assert train_mm.main(pretrain([shards, "train.ckpt_every=1", "train.keep_last=3", "--resume"], tmp_path / "moved")) == 0
+    assert (tmp_path / "moved" / "step-00000002").is_dir()
+
+
+def _vqa_copy(world: Path, to: Path) -> Path:
+    """A copy of the world's VQA files that a test may damage."""
+    shutil.copytree(world / "vqa", to)
+    return to
+
+
+def _vqa_args(vqa_dir: Path, run: Path, *extra: str) -> list[str]:
+    return ["finetune", "vqa", "--config", str(ROOT / "configs/finetune_vqa_demo.yaml"), *TINY, f"run_dir={run}",
+            f"data.vqa_train_questions={vqa_dir}/v2_OpenEnded_mscoco_train2014_questions.json",
+            f"data.vqa_train_annotations={vqa_dir}/v2_mscoco_train2014_annotations.json",
+            f"data.vqa_val_questions={vqa_dir}/v2_OpenEnded_mscoco_val2014_questions.json",
+            f"data.vqa_val_annotations={vqa_dir}/v2_mscoco_val2014_annotations.json",
+            f"data.vqa_images={vqa_dir}/images", *extra]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def test_fine_tuning_skips_and_counts_unreadable_images_and_missing_questions(tmp_path, caplog, capsys, world):
+    vqa_dir = _vqa_copy(world, tmp_path / "vqa")
+    questions = vqa_dir / "v2_OpenEnded_mscoco_train2014_questions.json"
+    data = json.loads(questions.read_text())
+    data["questions"][0]["question"] = None
+    questions.write_text(json.dumps(data))
+    train_images = sorted((vqa_dir / "images" / "train2014").glob("*.png"))
+    _truncate(train_images[1])
+    epoch = len(data["questions"]) // 4  # steps of batch 4: every question is drawn once
+    with caplog.at_level(logging.WARNING):
+        assert train_mm.main(_vqa_args(vqa_dir, tmp_path / "r", f"train.steps={epoch}")) == 0
+    skipped = sum(json.loads(line).get("skipped_samples", 0) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+    assert skipped > 0
+    assert "question is None, expected text" in caplog.text and f"{train_images[1]}: cannot read image" in caplog.text
+    for image in train_images:  # nothing readable at all: one line
+        _truncate(image)
+    line = error_of(train_mm.main, _vqa_args(vqa_dir, tmp_path / "r2"), capsys)
+    assert "yielded no batch" in line and "no readable sample" in line
+
+
+def test_validation_files_are_checked_before_training_and_the_last_checkpoint_precedes_validation(tmp_path, capsys,
+                                                                                                    world):
+    vqa_dir = _vqa_copy(world, tmp_path / "vqa")
+    line = error_of(train_mm.main, _vqa_args(vqa_dir, tmp_path / "r", f"data.vqa_val_annotations={vqa_dir}/typo.json"),
+                    capsys)
+    assert "typo.json: no such file" in line and not list((tmp_path / "r").glob("step-*"))
+    for image in (vqa_dir / "images" / "val2014").glob("*.png"):
+        _truncate(image)  # validation fails only when it runs, after the training
+    line = error_of(train_mm.main, _vqa_args(vqa_dir, tmp_path / "r2"), capsys)
+    assert "evaluation item(s) could not be read" in line
+    assert (tmp_path / "r2" / "step-00000002" / "model.safetensors").is_file()  # the final weights are kept
+
+
+def test_config_checks_across_fields(tmp_path, capsys, world):
+    for override, expected in (("model.moe.heads=3", "moe.heads: expected a divisor of d_model=32"),
+                               ("objectives.mlm=0 objectives.mim=0 objectives.vlm=0", "objectives: every weight is 0")):
+        with pytest.raises(SystemExit) as exit_:
+            train_mm.main(pretrain([f"pretrain_data.shards={world}/shards", *override.split()], tmp_path / "r"))
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+def _png_file(path: Path, array) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_images_sixteen_bit_truncated_and_oversized(tmp_path, capsys):
+    import numpy as np
+
+    from mm_moe.data.common import load_image
+
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    wide = load_image(_png_file(tmp_path / "16.png", ramp))
+    assert wide.mode == "RGB" and np.array_equal(np.asarray(wide)[..., 0], np.rint(ramp / 257).astype(np.uint8))
+    assert 0 < np.asarray(wide).mean() < 255  # scaled, not clipped to white
+    bad = tmp_path / "cut.png"
+    bad.write_bytes((tmp_path / "16.png").read_bytes()[:80])
+    with pytest.raises(InputError, match=f"{bad}: cannot read image"):
+        load_image(bad)
+    bomb = tmp_path / "bomb.png"  # a header that claims 20000 x 20000 pixels (400 Mpixels)
+    header = bytearray(_png_file(tmp_path / "small.png", np.zeros((4, 4), np.uint8)).read_bytes())
+    header[16:24] = (20000).to_bytes(4, "big") * 2
+    import zlib
+
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")  # the IHDR's CRC
+    bomb.write_bytes(bytes(header))
+    with pytest.raises(InputError, match=f"{bomb}: image too large to decode"):
+        load_image(bomb)
+
+
+def test_predictor_inputs_are_checked(tmp_path, capsys, world):
+    from mm_moe.inference import VQAPredictor, main
+
+    run = tmp_path / "vqa"
+    assert train_mm.main(vqa(world, [], run)) == 0
+    predictor = VQAPredictor.from_pretrained(run)
+    image = next((world / "vqa" / "images").rglob("*.png"))
+    for question in (None, 3):
+        with pytest.raises(InputError, match="expected text"):
+            predictor.answer(image, question)
+    with pytest.raises(InputError, match="top_k: expected an integer >= 1"):
+        predictor.answer(image, "what colour?", top_k=0)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image.read_bytes()[:70])
+    assert f"{cut}: cannot read image" in error_of(main, ["vqa", str(run), "--image", str(cut), "--question", "what?"],
+                                                     capsys)
+    with pytest.raises(SystemExit) as exit_:
+        main(["vqa", str(run), "--image", str(image), "--question", "what?", "--top-k", "-1"])
+    assert exit_.value.code == 2 and "--top-k: expected an integer >= 1, got '-1'" in capsys.readouterr().err

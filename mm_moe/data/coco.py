@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mm_moe.config import InputError
-from mm_moe.data.common import SeededItems, pad, read_json, require
+from mm_moe.data.common import SeededItems, Skipped, collate_kept, pad, read_json, require, skipping, text_of
+from mm_moe.data.skips import SkipCounter
 from mm_moe.data.transforms import seed_of
 
 TRAIN_SPLITS = ("train", "restval")
@@ -58,23 +59,33 @@ class CaptionDataset(SeededItems, Dataset):
             if not path.is_file():
                 raise InputError(f"{path}: image of cocoid {im['cocoid']} in {karpathy} not found")
         self.items = [(i, None) for i in range(len(self.images))] if per_image else \
-            [(i, s["raw"]) for i, im in enumerate(self.images) for s in im["sentences"]]
+            [(i, s) for i, im in enumerate(self.images) for s in im["sentences"]]
         self.tokenizer, self.transform, self.max_text_len = tokenizer, transform, max_text_len
+        self.source = str(karpathy)
+        self.skips = SkipCounter(self.source)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
-        idx, caption = self.items[i]
+    def __getitem__(self, i: int) -> dict | Skipped:
+        """The item, or Skipped (counted and logged) when its image or caption cannot be read."""
+        return skipping(self.skips, lambda: self.item(i))
+
+    def item(self, i: int) -> dict:
+        idx, sentence = self.items[i]
         im = self.images[idx]
         path = self.root / im.get("filepath", "") / im["filename"]
         item = {"image_id": im["cocoid"], "image": self.load(path, i)}
-        if caption is not None:
+        if sentence is not None:
+            caption = text_of(sentence, "raw", f"{self.source}: cocoid {im['cocoid']}")
             item["text_ids"] = self.tokenizer(caption, truncation=True, max_length=self.max_text_len)["input_ids"]
             item["mask_seed"] = seed_of(self.seed, self.epoch, i, "mask")
         return item
 
-    def collate(self, items: list[dict]) -> dict:
+    def collate(self, items: list[dict | Skipped]) -> dict:
+        return collate_kept(items, self._collate)
+
+    def _collate(self, items: list[dict]) -> dict:
         batch = {"image_ids": [it["image_id"] for it in items], "images": torch.stack([it["image"] for it in items])}
         if "text_ids" in items[0]:
             ids = pad([it["text_ids"] for it in items], self.tokenizer.pad_token_id)

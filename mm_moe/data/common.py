@@ -7,14 +7,16 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mm_moe.config import InputError
+from mm_moe.data.skips import SampleError, SkipCounter
 from mm_moe.data.transforms import seeded
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -57,13 +59,57 @@ def images_by_name(folder: str | Path) -> dict[str, Path]:
     return {p.name: p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
-def load_image(path: Path) -> Image.Image:
-    """RGB PIL image; the error names the file."""
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `im`. Integer images of more than 8 bits (16-bit PNGs: modes I;16* and I) are scaled to
+    8 bits by value; PIL's convert("RGB") would clip everything above 255 to white."""
+    if im.mode.startswith("I"):
+        scaled = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """8-bit RGB PIL image (`to_rgb`); InputError naming the file when it is unreadable, truncated or too large
+    (PIL's decompression-bomb limit)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise OSError(f"{path}: cannot read image ({err})") from err
+            return to_rgb(im)
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: image too large to decode ({err})") from err
+    except (OSError, ValueError, SyntaxError) as err:  # SyntaxError: PIL's "broken PNG file"
+        raise InputError(f"{path}: cannot read image ({' '.join(str(err).split())})") from err
+
+
+class Skipped(NamedTuple):
+    """A dataset item that could not be read (the collate leaves it out and counts it)."""
+
+    cause: str
+
+
+def skipping(skips: SkipCounter, read: Callable[[], dict]) -> dict | Skipped:
+    """read(), or, when it raises InputError (an unreadable, truncated or oversized image), a Skipped item, counted
+    and logged by `skips` as pretraining logs its skipped samples."""
+    try:
+        return read()
+    except InputError as err:
+        skips(SampleError(str(err)))
+        return Skipped(str(err))
+
+
+def collate_kept(items: list[dict | Skipped], collate: Callable[[list[dict]], dict]) -> dict:
+    """collate() of the readable items, with "num_skipped" (how many were left out); {"num_skipped": n} alone when
+    none could be read (the trainer passes over such a batch, and evaluation stops: every item must be scored)."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = len(items) - len(good)
+    return {**collate(good), "num_skipped": skipped} if good else {"num_skipped": skipped}
+
+
+def text_of(record: dict, field: str, where: str) -> str:
+    """record[field] when it is text; InputError naming `where` otherwise (a null question, a missing caption)."""
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {field} is {value!r}, expected text")
+    return value
 
 
 class SeededItems:

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mm_moe.config import InputError
-from mm_moe.data.common import SeededItems, images_by_name, pad, require
+from mm_moe.data.common import SeededItems, Skipped, collate_kept, images_by_name, pad, require, skipping, text_of
+from mm_moe.data.skips import SkipCounter
 
 
 def read_nlvr2(path: str | Path) -> list[dict]:
@@ -55,17 +56,27 @@ class NLVR2Dataset(SeededItems, Dataset):
                 if name not in self.paths:
                     raise InputError(f"{images}: missing {name} for {row['identifier']} of {jsonl}")
         self.tokenizer, self.transform, self.max_text_len = tokenizer, transform, max_text_len
+        self.source = str(jsonl)
+        self.skips = SkipCounter(self.source)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict | Skipped:
+        """The item, or Skipped (counted and logged) when an image or the sentence cannot be read."""
+        return skipping(self.skips, lambda: self.item(i))
+
+    def item(self, i: int) -> dict:
         row = self.rows[i]
+        text = text_of(row, "sentence", f"{self.source}: {row['identifier']}")
         left, right = (self.load(self.paths[n], i, which) for which, n in enumerate(image_names(row["identifier"])))
         return {"identifier": row["identifier"], "left": left, "right": right, "label": int(row["label"] == "True"),
-                "text_ids": self.tokenizer(row["sentence"], truncation=True, max_length=self.max_text_len)["input_ids"]}
+                "text_ids": self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"]}
 
-    def collate(self, items: list[dict]) -> dict:
+    def collate(self, items: list[dict | Skipped]) -> dict:
+        return collate_kept(items, self._collate)
+
+    def _collate(self, items: list[dict]) -> dict:
         ids = pad([it["text_ids"] for it in items], self.tokenizer.pad_token_id)
         return {"identifiers": [it["identifier"] for it in items],
                 "images_left": torch.stack([it["left"] for it in items]),

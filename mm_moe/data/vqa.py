@@ -16,7 +16,18 @@ import torch
 from torch.utils.data import Dataset
 
 from mm_moe.config import InputError
-from mm_moe.data.common import SeededItems, images_by_number, pad, read_json, require
+from mm_moe.data.common import (
+    SeededItems,
+    Skipped,
+    collate_kept,
+    images_by_number,
+    pad,
+    read_json,
+    require,
+    skipping,
+    text_of,
+)
+from mm_moe.data.skips import SkipCounter
 from mm_moe.eval.vqa_metric import normalize_answer, read_annotations, read_questions
 
 PathOrPaths = str | Path | Sequence[str | Path]
@@ -90,22 +101,32 @@ class VQADataset(SeededItems, Dataset):
             if unanswered:
                 raise InputError(f"{annotations}: no annotation for question_id(s) {unanswered[:3]} of {questions}")
         self.tokenizer, self.transform, self.vocab, self.max_text_len = tokenizer, transform, vocab, max_text_len
+        self.source = f"{questions}"
+        self.skips = SkipCounter(self.source)
 
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict | Skipped:
+        """The item, or Skipped (counted and logged) when its image or question cannot be read."""
+        return skipping(self.skips, lambda: self.item(i))
+
+    def item(self, i: int) -> dict:
         q = self.questions[i]
+        text = text_of(q, "question", f"{self.source}: question_id {q['question_id']}")
         item = {
             "question_id": q["question_id"],
             "image": self.load(self.image_paths[q["image_id"]], i),
-            "text_ids": self.tokenizer(q["question"], truncation=True, max_length=self.max_text_len)["input_ids"],
+            "text_ids": self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"],
         }
         if self.vocab is not None and self.answers:
             item["targets"] = self.vocab.soft_scores(self.answers[q["question_id"]])
         return item
 
-    def collate(self, items: list[dict]) -> dict:
+    def collate(self, items: list[dict | Skipped]) -> dict:
+        return collate_kept(items, self._collate)
+
+    def _collate(self, items: list[dict]) -> dict:
         ids = pad([it["text_ids"] for it in items], self.tokenizer.pad_token_id)
         batch = {"question_ids": [it["question_id"] for it in items], "images": torch.stack([it["image"] for it in items]),
                  "text_ids": ids, "text_padding": ids == self.tokenizer.pad_token_id}

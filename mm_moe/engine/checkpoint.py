@@ -16,11 +16,14 @@ renames the folder; a run killed mid-write leaves only a .tmp folder, which is i
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,6 +40,12 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors.torch import load_model, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -154,12 +163,62 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.M
     return state, names
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's .metadata admitting only what it is made of (its metadata classes,
+    torch sizes, dtypes and layouts, paths): a pickle that names anything else (os.system, a class with a
+    __reduce__ of its own) is refused before anything runs."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = frozenset({("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+             ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self.MODULES or (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.memory_format):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class SafeReader(FileSystemReader):
+    """A FileSystemReader whose metadata is read by `_MetadataUnpickler` (torch's reader uses plain pickle)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"expected checkpoint Metadata, got {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner reading the non-tensor entries (optimizer hyper-parameters, step counts) with
+    torch.load(weights_only=True): torch's own planner unpickles them without restriction."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 @contextmanager
 def _one_process_ok() -> Iterator[None]:
-    """Silence DCP's warning that it runs in one process: a plain run is meant to."""
+    """Silence DCP's warning that it runs in one process (a plain run is meant to), and its logging: a checkpoint
+    it cannot read is reported by our one-line CheckpointError, not by the tracebacks DCP logs."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        yield
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _file_digest(path: Path) -> str:
@@ -184,31 +243,35 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
     run_dir = Path(run_dir)
     name = name or f"step-{step:08d}"
     final, tmp = run_dir / name, run_dir / f"{name}.tmp"
+    _check_space(run_dir, name if optimizer is not None else None)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if optimizer is not None:  # a training checkpoint; weights alone (best/) are all in model.safetensors
-        state, _ = _sharded_state(model, optimizer, ema)
-        with _one_process_ok():
-            dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
-    weights = full_state_dict(model)
-    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
-    if rank == 0:
-        save_file(weights, str(tmp / "model.safetensors"))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        if trainer_state is not None:
-            torch.save({**trainer_state, "world_size": world}, tmp / "trainer.pt")
+    try:
+        if optimizer is not None:  # a training checkpoint; weights alone (best/) are all in model.safetensors
+            state, _ = _sharded_state(model, optimizer, ema)
+            with _one_process_ok():
+                dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
+        weights = full_state_dict(model)
+        torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+        if rank == 0:
+            save_file(weights, str(tmp / "model.safetensors"))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            if trainer_state is not None:
+                torch.save({**trainer_state, "world_size": world}, tmp / "trainer.pt")
+    except (Exception, CheckpointException) as err:
+        if not _disk_full(err, run_dir):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(f"{run_dir}: no space left on device while writing {name} "
+                              f"({_mb(shutil.disk_usage(run_dir).free)} free after removing the partial {tmp.name}); "
+                              f"{f'{previous.name} is intact' if previous else 'no earlier checkpoint'}: free space "
+                              "and resume with --resume") from err
     _barrier()
     if rank == 0:
-        files = _files(tmp)
-        for f in files:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _file_digest(f)} for f in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for d in {tmp, *(f.parent for f in files)}:
-            _fsync_dir(d)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -220,8 +283,52 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
     return final
 
 
-def verify_checkpoint(ckpt: str | Path) -> list[str]:
-    """What is wrong with a checkpoint against its manifest (missing, resized or altered files); [] if sound."""
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _check_space(run_dir: Path, name: str | None) -> None:
+    """Before a training checkpoint: the previous one's size must be free in run_dir (on every rank; the next
+    checkpoint is about as large), else CheckpointError, before anything is written."""
+    previous = latest_checkpoint(run_dir) if name is not None else None
+    if previous is None:
+        return
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise CheckpointError(f"{run_dir}: no space left on device for {name}: {_mb(free)} free, {previous.name} took "
+                              f"{_mb(needed)}; {previous.name} is intact: free space and resume with --resume")
+
+
+def _disk_full(err: BaseException, run_dir: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT anywhere in the exception chain, the messages torch's
+    writers give for it (torch.save: "unexpected pos"), or a disk left with under 1 MB."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(seen) for m in ("No space left", "unexpected pos", "Disk quota exceeded")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return shutil.disk_usage(run_dir).free < 2**20
+
+
+def write_manifest(folder: Path) -> None:
+    """folder/manifest.json: the size and sha256 of every other file in it, all fsynced (files, then the manifest
+    and the folders), so that a reader can tell a sound checkpoint from a torn or altered one."""
+    files = _files(folder)
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    manifest = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _file_digest(f)} for f in files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for d in {folder, *(f.parent for f in files)}:
+        _fsync_dir(d)
+
+
+def verify_checkpoint(ckpt: str | Path, hashes: bool = True) -> list[str]:
+    """What is wrong with a checkpoint against its manifest (missing, resized or, with `hashes`, altered files);
+    [] if sound."""
     ckpt = Path(ckpt)
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
@@ -234,7 +341,7 @@ def verify_checkpoint(ckpt: str | Path) -> list[str]:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != want["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']}")
-        elif _file_digest(f) != want["sha256"]:
+        elif hashes and _file_digest(f) != want["sha256"]:
             problems.append(f"{f}: sha256 differs from the manifest")
     return problems
 
@@ -248,8 +355,9 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.opt
     state, names = _sharded_state(model, optimizer, ema)
     try:
         with _one_process_ok():
-            dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP wraps rank failures in its own exception types
+            dcp.load(state, storage_reader=SafeReader(ckpt / "dcp"), planner=SafeLoadPlanner(),
+                     no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP's wrapper of rank failures is a BaseException
         raise CheckpointError(f"{ckpt / 'dcp'}: cannot be loaded into this model ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
     _map_experts(state, names, lambda t: t.to_local())
@@ -258,8 +366,17 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.opt
         ema.load_state_dict(state["ema"])
     rank, _ = _rank_world()
     own = ckpt / f"rng-{rank:05d}.pt"
-    set_rng_state(torch.load(own if own.is_file() else ckpt / "rng-00000.pt", weights_only=True))
-    return torch.load(ckpt / "trainer.pt", weights_only=True)
+    set_rng_state(_load_pt(own if own.is_file() else ckpt / "rng-00000.pt"))
+    return _load_pt(ckpt / "trainer.pt")
+
+
+def _load_pt(path: Path) -> Any:
+    """A torch.save'd file of plain data (weights_only: no code runs); CheckpointError naming it otherwise."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a checkpoint file of plain data ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]})") from err
 
 
 # --- finding checkpoints -----------------------------------------------------------------------------------
@@ -276,30 +393,41 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory."""
+_verified: set[tuple[Path, int, bool]] = set()
+
+
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory, checked against its manifest: file sizes
+    always, sha256 sums unless `verify` is False (for huge files; --no-verify in the CLIs). Checked once per process."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path)
+    if ckpt is None:
         raise CheckpointError(f"{path}: neither a checkpoint (no model.safetensors) nor a run with step-* checkpoints")
-    return latest
+    manifest = ckpt / MANIFEST
+    key = (ckpt.resolve(), manifest.stat().st_mtime_ns if manifest.is_file() else 0, verify)
+    if key not in _verified:
+        problems = verify_checkpoint(ckpt, hashes=verify)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"{problems[0]}{more}: the checkpoint is damaged or was altered; use another one, "
+                                  "or pass --no-verify to read it anyway")
+        _verified.add(key)
+    return ckpt
 
 
-def load_weights(model: nn.Module, ckpt: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
+def load_weights(model: nn.Module, ckpt: str | Path, strict: bool = True, verify: bool = True) -> tuple[list[str], list[str]]:
     """Load model.safetensors of a checkpoint (or a run's latest) into `model`; returns (missing, unexpected)."""
-    return load_model(model, str(resolve_checkpoint(ckpt) / "model.safetensors"), strict=strict)
+    return load_model(model, str(resolve_checkpoint(ckpt, verify) / "model.safetensors"), strict=strict)
 
 
-def load_run_config(ckpt: str | Path) -> RunConfig:
+def load_run_config(ckpt: str | Path, verify: bool = True) -> RunConfig:
     """The resolved RunConfig saved with a checkpoint (or a run's latest checkpoint)."""
-    path = resolve_checkpoint(ckpt) / "config.yaml"
+    path = resolve_checkpoint(ckpt, verify) / "config.yaml"
     return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
 # --- initialising a task model's encoder -------------------------------------------------------------------
-def _encoder_weights(path: Path) -> dict[str, Tensor]:
+def _encoder_weights(path: Path, verify: bool = True) -> dict[str, Tensor]:
     """Encoder weights (our names, no "beit3." prefix) of our checkpoint / run, or of a torchscale / unilm .pth."""
     from safetensors.torch import load_file
 
@@ -315,7 +443,7 @@ def _encoder_weights(path: Path) -> dict[str, Tensor]:
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
         return convert_torchscale_state_dict(sd.get("model", sd))  # unilm nests the weights under "model"
-    file = resolve_checkpoint(path) / "model.safetensors"
+    file = resolve_checkpoint(path, verify) / "model.safetensors"
     try:
         weights = load_file(str(file))
     except Exception as err:
@@ -366,21 +494,22 @@ def _fit(source: dict[str, Tensor], module: nn.Module, path: Path, partial: bool
     return {"loaded": sorted(loadable), "adapted": adapted, **report}
 
 
-def init_encoder(model: nn.Module, path: str | Path, partial: bool = False,
-                 upcycle: bool = False) -> dict[str, list[str]]:
+def init_encoder(model: nn.Module, path: str | Path, partial: bool = False, upcycle: bool = False,
+                 verify: bool = True) -> dict[str, list[str]]:
     """Initialise `model.beit3` (any task model's encoder) from a checkpoint; the task head stays new.
 
     Every encoder weight must be present with the same shape (after `fit_positions`); otherwise the error lists the
     missing, unexpected and mismatched keys. With `partial`, the matching weights are loaded and the rest reported.
     With `upcycle`, the checkpoint is a dense model: it is loaded into the dense twin of the model's config, whose
-    FFNs then become the configured MoE layers (`mm_moe.model.upcycle`).
+    FFNs then become the configured MoE layers (`mm_moe.model.upcycle`). One of our checkpoints is checked against
+    its manifest first (`resolve_checkpoint`; `verify=False` checks sizes only).
     Returns {"loaded", "adapted", "missing", "unexpected", "mismatched"} (+ the upcycle origins with `upcycle`)."""
     from mm_moe.config import moe_layer_ids
     from mm_moe.model.beit3 import BEiT3
     from mm_moe.model.beit3 import upcycle as upcycle_dense
 
     path = Path(path)
-    source = _encoder_weights(path)
+    source = _encoder_weights(path, verify)
     if not upcycle:
         return _fit(source, model.beit3, path, partial)
     cfg = model.beit3.cfg
@@ -397,6 +526,6 @@ def init_encoder(model: nn.Module, path: str | Path, partial: bool = False,
     return {**report, **{f"upcycle_{k}": v for k, v in origins.items()}}
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_training_state", "full_state_dict",
+__all__ = ["CheckpointError", "save_checkpoint", "write_manifest", "verify_checkpoint", "load_training_state", "full_state_dict",
            "tied_duplicates", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
            "load_run_config", "fit_positions", "init_encoder", "rng_state", "set_rng_state"]

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,16 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU); a plain process gets a world of one.
+_control: dist.ProcessGroup | None = None
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 300) -> DistInfo:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU); a plain process gets a world of one. A collective
+    that waits more than `timeout_s` for the other ranks (one froze or died) fails instead of hanging.
 
     A CPU process also keeps freed memory for reuse (`keep_freed_memory`).
     """
+    global _control
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if not use_cuda:
         keep_freed_memory()
@@ -47,14 +53,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if not dist.is_initialized():  # NCCL bound to this rank's GPU, so its barriers need not guess the device
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=timedelta(seconds=timeout_s))
+        # a CPU group for the per-step stop decision: agreeing on a flag must not wait for the GPU
+        _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if use_cuda else None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (collective under torch.distributed; a CPU all_reduce, no GPU sync)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t.item())
 
 
 def finish_distributed() -> None:
     """Leave the process group at the end of a run (NCCL warns of leaked resources otherwise)."""
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
@@ -148,4 +168,5 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-__all__ = ["DistInfo", "init_distributed", "finish_distributed", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
+__all__ = ["DistInfo", "init_distributed", "finish_distributed", "any_rank", "wrap_model", "clip_grad_norm", "reduce_mean",
+           "gradient_sync"]

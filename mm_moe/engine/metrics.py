@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from mm_moe.config import ConfigError
+from mm_moe.config import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -39,10 +42,11 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, record["step"])
 
     def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (written before a kill, about to be recomputed)."""
+        """Drop the records of steps after `step` (written before a kill, about to be recomputed), and a torn last
+        line (a crash or a full disk during the append), with a warning."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line, record in _records(self.path) if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
@@ -50,11 +54,26 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every line of a metrics.jsonl; a last line that does not parse (torn by a crash or a full
+    disk) is left out with a warning, any other one is an error naming the line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if n < len(lines):
+                raise InputError(f"{path}:{n}: not a JSON record ({err})") from err
+            log.warning("%s: its last line is torn (%s) and is dropped: %r", path, err.msg, line[:80])
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
     """The records of a run's metrics.jsonl by step, the records of one step (training, validation) merged."""
     path = Path(run_dir) / "metrics.jsonl"
     out: dict[int, dict] = {}
-    for record in map(json.loads, path.read_text().splitlines() if path.is_file() else []):
+    for _, record in _records(path) if path.is_file() else []:
         out[record["step"]] = {**out.get(record["step"], {}), **record}
     return out
 

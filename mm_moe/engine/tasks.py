@@ -36,6 +36,7 @@ from mm_moe.eval import (
     vqa_predictions,
     write_predictions,
 )
+from mm_moe.eval.vqa_metric import read_annotations
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA, TaskOutput
 from mm_moe.moe.stats import merge_stats
 
@@ -103,6 +104,17 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_annotations(path: str, questions: list[dict], key: str) -> None:
+    """The VQA annotations file that scores `questions`: readable, with an annotation for each; InputError naming the
+    key and file otherwise."""
+    if not path:
+        raise InputError(f"{key}: empty; the validation questions are scored against it")
+    annotated = read_annotations(path)
+    missing = [q["question_id"] for q in questions if q["question_id"] not in annotated]
+    if missing:
+        raise InputError(f"{key}={path}: no annotation for {len(missing)} validation question(s), e.g. {missing[:3]}")
+
+
 def finetune_evaluator(cfg: RunConfig, tokenizer: Any, answers: list[str] | None = None) -> tuple[Evaluator | None, str]:
     """The validation of `cfg.task` on its configured validation data, and the metric that picks the best
     checkpoint; (None, "") when no validation data is configured. The evaluator scores a model and, given a
@@ -111,6 +123,7 @@ def finetune_evaluator(cfg: RunConfig, tokenizer: Any, answers: list[str] | None
     tf = eval_transform(m.img_size)
     if cfg.task == "vqa" and d.vqa_val_questions:
         ds = VQADataset(d.vqa_val_questions, d.vqa_images, tokenizer, tf, max_text_len=m.max_text_len)
+        check_annotations(d.vqa_val_annotations, ds.questions, "data.vqa_val_annotations")  # now, not after training
 
         def vqa(model: nn.Module, out: Path | None) -> dict[str, float]:
             results = vqa_predictions(model, ds, answers, bs, _device(model))

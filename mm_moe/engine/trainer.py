@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from mm_moe.config import ConfigError, InputError, RunConfig, to_dict
+from mm_moe.config import ConfigError, InputError, RunConfig, RunStopped, to_dict
 from mm_moe.data.vqa import AnswerVocab
 from mm_moe.engine.checkpoint import (
     CheckpointError,
@@ -36,9 +38,10 @@ from mm_moe.engine.checkpoint import (
     verify_checkpoint,
 )
 from mm_moe.engine.compile import compile_blocks, compiled_graphs
-from mm_moe.engine.distributed import DistInfo, clip_grad_norm, gradient_sync, reduce_mean, wrap_model
+from mm_moe.engine.distributed import DistInfo, any_rank, clip_grad_norm, gradient_sync, reduce_mean, wrap_model
 from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
+from mm_moe.engine.run_dir import mark_run
 from mm_moe.model import TaskOutput
 from mm_moe.moe.experts import cast_weights_once
 from mm_moe.moe.parallel import shard_experts
@@ -114,6 +117,7 @@ class Trainer:
             raise ConfigError("train.ema_decay: EMA is not supported with train.distributed=fsdp2 (use ddp)")
         ema = cfg.train.ema_decay  # the EMA copy is made before compiling: it stays an eager model
         self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
+        update_routers(self.raw)  # X-MoE expert norms as a training forward would set them (compiled ones do not)
         if cfg.train.compile:
             compile_blocks(self.raw, cfg.train.compile_backend)
         self.model = wrap_model(TaskModule(self.raw, task.loss_fn), cfg.train.distributed, self.info)
@@ -123,12 +127,14 @@ class Trainer:
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = autocast_dtype(cfg.train.precision, self.info.device)
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=self.info.device)  # 0: every loss finite
+        self.stopped_by: str | None = None  # the signal that stopped the run early
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.best: float | None = None  # the best validation score so far (task.best_metric)
         self.scores: dict[str, float] = {}  # the latest validation
         self.config = to_dict(cfg)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_run(self.run_dir)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
             if task.answer_vocab is not None:
                 task.answer_vocab.save(self.run_dir / "answers.json")
@@ -156,7 +162,7 @@ class Trainer:
             state = load_training_state(ckpt, self.raw, self.optimizer, self.ema)
             self.schedule.load_state_dict(state["schedule"])
             self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-            self.best = state.get("best")
+            self.best = self._best_so_far(state.get("best"))
             if state["world_size"] != self.info.world_size:
                 log.warning("%s was saved by %d processes, resumed by %d: weights and optimizer are resharded; "
                             "each rank continues its own data stream from the saved position", ckpt,
@@ -166,6 +172,15 @@ class Trainer:
         if found:
             raise CheckpointError(f"{self.run_dir}: every checkpoint is damaged ({', '.join(p.name for p in found)})")
         return None
+
+    def _best_so_far(self, saved: float | None) -> float | None:
+        """The best validation score of the run: a step's checkpoint is written before that step's validation, whose
+        score (if it was the best) run_dir/best/ holds."""
+        best_state = self.run_dir / "best" / "trainer.pt"
+        if not best_state.is_file():
+            return saved
+        value = torch.load(best_state, weights_only=True).get("value")
+        return value if saved is None or (value is not None and value > saved) else saved
 
     def validate(self) -> dict[str, float]:
         """Score the model (the EMA weights when EMA is on) on the task's validation data, log the scores, and
@@ -193,15 +208,24 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
-        """Batches from the current data position on, across epochs; keeps (epoch, batches_done) up to date."""
+        """Batches from the current data position on, across epochs; keeps (epoch, batches_done) up to date. A batch
+        in which no sample could be read is passed over, its skipped samples counted with the next batch."""
+        pending = 0
         while True:
             it = iter(self.task.loader(self.epoch))
+            readable = self.batches_done > 0  # resumed inside an epoch that had batches
             for _ in range(self.batches_done):  # fast-forward after a resume
                 next(it)
             for batch in it:
                 self.batches_done += 1
+                if batch.keys() == {"num_skipped"}:
+                    pending += batch["num_skipped"]
+                    continue
+                readable = True
+                if pending:
+                    batch, pending = {**batch, "num_skipped": batch.get("num_skipped", 0) + pending}, 0
                 yield batch
-            if self.batches_done == 0:
+            if not readable:
                 raise InputError(f"{self.task.source}: epoch {self.epoch} yielded no batch on rank {self.info.rank} "
                                  "(no readable sample; see the skipped-sample warnings above)")
             self.epoch, self.batches_done = self.epoch + 1, 0
@@ -247,8 +271,8 @@ class Trainer:
         if bad:
             ckpt = latest_checkpoint(self.run_dir)
             where = f"resume from {ckpt}" if ckpt is not None else "no checkpoint was written yet: start again"
-            raise FloatingPointError(f"non-finite loss at step {bad} (found at step {self.step}); stopping: {where} "
-                                     "with a lower optim.lr")
+            raise NonFiniteLoss(f"non-finite loss at step {bad} (found at step {self.step}); stopping: {where} "
+                                "with a lower optim.lr")
 
     def _record(self, window: dict[str, Any], steps: int, seconds: float, grad_norm: Tensor | None,
                 layer_stats: dict[str, RoutingStats]) -> dict[str, Any]:
@@ -280,7 +304,33 @@ class Trainer:
         return record
 
     def fit(self) -> nn.Module:
-        """Train to train.steps; returns the bare model (EMA weights copied in when EMA is on)."""
+        """Train to train.steps; returns the bare model (EMA weights copied in when EMA is on).
+
+        SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the run at the next step boundary, on every rank
+        alike, after a checkpoint: `self.stopped_by` then names the signal. A collective that times out (a rank froze
+        or died) raises RunStopped."""
+        try:
+            with self._preemption_signals():
+                self._loop()
+        except RuntimeError as err:
+            if not _lost_rank(err):
+                raise
+            ckpt = latest_checkpoint(self.run_dir)
+            raise RunStopped(f"rank {self.info.rank}: torch.distributed gave up at step {self.step + 1} after waiting up "
+                             f"to train.dist_timeout_s={self.cfg.train.dist_timeout_s} s for the other ranks ("
+                             f"{' '.join(str(err).split())[-160:]}): a rank froze or died; "
+                             f"{f'resume from {ckpt}' if ckpt else 'no checkpoint was written yet'}") from err
+        self.metrics.close()
+        if self.info.is_main:
+            plot_curves(self.run_dir, (self.task.best_metric,) if self.task.best_metric else ())
+            if self.scores:
+                (self.run_dir / "eval.json").write_text(json.dumps(
+                    {"step": self.step, **self.scores, "best": {self.task.best_metric: self.best}}, indent=2))
+        if self.ema is not None and self.stopped_by is None:
+            self.raw.load_state_dict(self.ema.module.state_dict())
+        return self.raw
+
+    def _loop(self) -> None:
         cfg = self.cfg.train
         self.model.train()
         batches = self._batches()
@@ -305,21 +355,51 @@ class Trainer:
                         shown["balance"] = f"{record['load_imbalance']:.2f}"
                     bar.set_postfix(shown)
                     window, steps_in_window, t0 = {}, 0, time.perf_counter()
+                stop = any_rank(self._signal is not None)  # every rank stops at the same step
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                    self.check_finite()
+                    self.save()  # before the validation: a failing validation loses no training
+                if stop:
+                    self.stopped_by = signal.Signals(self._signal or signal.SIGTERM).name
+                    log.warning("%s: stopped by %s after step %d, checkpoint written; --resume continues", self.run_dir,
+                                self.stopped_by, self.step)
+                    return
                 if self.task.evaluate is not None and (self.step == cfg.steps or (
                         cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
                     self.validate()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.check_finite()
-                    self.save()
-        self.metrics.close()
-        if self.info.is_main:
-            plot_curves(self.run_dir, (self.task.best_metric,) if self.task.best_metric else ())
-            if self.scores:
-                (self.run_dir / "eval.json").write_text(json.dumps(
-                    {"step": self.step, **self.scores, "best": {self.task.best_metric: self.best}}, indent=2))
-        if self.ema is not None:
-            self.raw.load_state_dict(self.ema.module.state_dict())
-        return self.raw
+
+    @contextlib.contextmanager
+    def _preemption_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGUSR1 only note themselves (`_loop` stops at the next step boundary)."""
+        self._signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        previous = {sig: signal.signal(sig, note) for sig in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-__all__ = ["Task", "TaskModule", "Trainer", "autocast_dtype", "to_device"]
+class NonFiniteLoss(RunStopped, FloatingPointError):
+    """The loss became NaN or infinite: the run stops before anything diverged is saved."""
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What schedulers send before they stop a job (SLURM, Kubernetes: SIGTERM; SLURM's --signal: often SIGUSR1)."""
+
+
+def _lost_rank(err: RuntimeError) -> bool:
+    """Whether a collective failed because another rank stopped answering (gloo and NCCL's wording)."""
+    text = str(err)
+    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                                   "collective operation timeout"))
+
+
+__all__ = ["Task", "TaskModule", "Trainer", "NonFiniteLoss", "PREEMPTION_SIGNALS", "autocast_dtype", "to_device"]

@@ -8,6 +8,7 @@ data layer can use the official metrics of this package without an import circle
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mm_moe.config import InputError
 from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForVQA
 
 
-def _batches(ds: Any, batch_size: int, desc: str) -> Any:
-    return tqdm(DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate), desc=desc, unit="batch", leave=False)
+def _batches(ds: Any, batch_size: int, desc: str) -> Iterator[dict]:
+    """The evaluation batches of `ds`; an item that could not be read (logged with its cause) is an error here:
+    every item of an evaluation split must be scored."""
+    for batch in tqdm(DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate), desc=desc, unit="batch", leave=False):
+        if batch.get("num_skipped"):
+            raise InputError(f"{getattr(ds, 'source', desc)}: {batch['num_skipped']} evaluation item(s) could not be "
+                             "read (see the skipped-sample warning above); every item must be scored")
+        yield batch
 
 
 @torch.no_grad()

@@ -180,9 +180,10 @@ class XMoERouter(Router):
     """X-MoE router as in the official MH-MoE / torchscale code.
 
     Tokens are projected to a `router_dim`-dim space; logits are dot products with L2-normalised
-    expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each training forward, as
-    torchscale does, and by `update_routers` after each optimizer step: under FSDP2 the forward sees a
-    gathered copy, so its in-place write would not reach the stored, sharded parameter).
+    expert embeddings, which are kept at norm XMOE_EMB_NORM (renormalised in place at each eager training forward,
+    as torchscale does, and by `update_routers` after each optimizer step: under FSDP2 the forward sees a
+    gathered copy, so its in-place write would not reach the stored, sharded parameter; a compiled forward leaves
+    it to `update_routers` alone).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, router_dim: int = 16, **kwargs) -> None:
@@ -203,7 +204,9 @@ class XMoERouter(Router):
             emb.copy_(torch.where((norm - XMOE_EMB_NORM).abs() > 1e-5 * XMOE_EMB_NORM, emb * (XMOE_EMB_NORM / norm), emb))
 
     def score(self, x: Tensor) -> Tensor:
-        if self.training:
+        # compiled, an in-place write to a parameter inside the graph would change what an earlier pass saved for
+        # backward; the norms are kept by `update_routers` then (the trainer calls it before the first step too)
+        if self.training and not torch.compiler.is_compiling():
             self.renormalize_()
         reduced = F.linear(x, self.reduction.weight.float())  # [T, r]
         return reduced @ F.normalize(self.expert_emb.float(), dim=1, eps=1e-4).t()  # [T, E]
