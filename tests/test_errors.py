@@ -516,7 +516,8 @@ def test_fine_tuning_skips_and_counts_unreadable_images_and_missing_questions(tm
     epoch = len(data["questions"]) // 4  # steps of batch 4: every question is drawn once
     with caplog.at_level(logging.WARNING):
         assert train_mm.main(_vqa_args(vqa_dir, tmp_path / "r", f"train.steps={epoch}")) == 0
-    skipped = sum(json.loads(line).get("skipped_samples", 0) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(r.get("skipped_samples", 0) for r in records)
     assert skipped > 0
     assert "question is None, expected text" in caplog.text and f"{train_images[1]}: cannot read image" in caplog.text
     for image in train_images:  # nothing readable at all: one line
