@@ -302,3 +302,69 @@ def test_balancing_options_resume_exactly_under_expert_parallelism(runs, tmp_pat
     assert not torch.equal(a[biases[0]], weights(run / "step-00000002")[biases[0]])  # moved after step 2 as well
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in records(run)]
+
+
+def _wait_for_records(run: Path, n: int, proc: subprocess.Popen, limit: float = 300) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        path = run / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run}: no {n} records before the run ended or {limit} s passed")
+
+
+def _workers(launcher: subprocess.Popen) -> list[int]:
+    """The pids of torchrun's worker processes (its agent's children)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _launch(args: list[str], nproc: int) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    return subprocess.Popen([*launcher, str(ROOT / "train_mm.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_within_the_timeout(runs, tmp_path):
+    """SIGSTOP of one rank: the other's next collective gives up after train.dist_timeout_s with one line, and
+    torchrun ends the job, instead of waiting forever."""
+    run = tmp_path / "frozen"
+    proc = _launch([*runs.args("pretrain"), *TINY, "train.steps=200", "train.dist_timeout_s=10",
+                    f"run_dir={run}"], WORLD)
+    try:
+        _wait_for_records(run, 1, proc)
+        frozen = _workers(proc)[-1]
+        os.kill(frozen, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - t0 < 100
+        assert "gave up at step" in err and "train.dist_timeout_s=10 s" in err and "a rank froze or died" in err, err[-3000:]
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", str(run)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, WORLD])
+def test_sigterm_writes_a_checkpoint_at_the_next_step_and_exits_zero(runs, tmp_path, nproc):
+    """Preemption: SIGTERM to the training processes (as SLURM or Kubernetes send it) makes every rank stop at
+    the same step boundary, write a checkpoint and exit 0; --resume then continues the uninterrupted run exactly."""
+    args = [*runs.args("pretrain"), *TINY, "train.steps=40", "train.ckpt_every=100"]
+    run = tmp_path / f"preempted{nproc}"
+    proc = _launch([*args, f"run_dir={run}"], nproc)
+    _wait_for_records(run, 2, proc)
+    for pid in _workers(proc) if nproc > 1 else [proc.pid]:
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    ckpt = latest_checkpoint(run)
+    stopped = int(ckpt.name[5:])
+    assert ckpt is not None and 2 <= stopped < 40 and "stopped by SIGTERM" in err
+    assert [r["step"] for r in records(run)] == list(range(1, stopped + 1))
+    train_cli([*args, f"run_dir={run}", "--resume"], nproc)
+    full = tmp_path / f"full{nproc}"
+    train_cli([*args, f"run_dir={full}"], nproc)
+    assert [(r["step"], r["loss"]) for r in records(run)] == [(r["step"], r["loss"]) for r in records(full)]
