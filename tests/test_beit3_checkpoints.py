@@ -257,8 +257,8 @@ def test_vqa_predictor_answers_like_the_model_run_by_hand(vqa_run, world, spm_fi
     again = VQAPredictor.from_pretrained(predictor.save_pretrained(tmp_path / "export"))
     assert again.answer([p[0] for p in pairs], [p[1] for p in pairs]) == batched
     assert again.tokenizer(question)["input_ids"] == ids[0].tolist()
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["answers.json", "config.yaml", "model.safetensors",
-                                                                       "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["answers.json", "config.yaml", "manifest.json",
+                                                                       "model.safetensors", "tokenizer"]
 
 
 @pytest.mark.slow

@@ -397,9 +397,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def _lost_rank(err: RuntimeError) -> bool:
     """Whether a collective failed because another rank stopped answering (gloo and NCCL's wording)."""
-    text = str(err)
-    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                                   "collective operation timeout"))
+    text = str(err).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
 
 
 __all__ = ["Task", "TaskModule", "Trainer", "NonFiniteLoss", "PREEMPTION_SIGNALS", "autocast_dtype", "to_device"]

@@ -332,7 +332,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, scale, z, gate, w1, w3, w2, b1, b3, b2, norm_w, norm_b, *idx, offs, e = ctx.saved_tensors
-        spec, need = ctx.spec, ctx.needs_input_grad
+        spec, need = ctx.spec, dict(zip(_ARGS, ctx.needs_input_grad, strict=True))
         dtype, loop = spec.dtype, spec.loop
         gy = gy.to(dtype)
         a, w2f, b2f, n, act, mean, rstd = _hidden(z, gate, e, spec, w2, b2, norm_w, norm_b)
@@ -340,13 +340,14 @@ class _ExpertFFN(torch.autograd.Function):
         g_scale = None
         if scale is not None:
             s = scale.to(dtype)[:, None]
-            if need[2]:
+            if need["scale"]:
                 g_scale = torch.linalg.vecdot(u, a)
                 if b2f is not None:
                     g_scale = g_scale + torch.linalg.vecdot(gy, b2f.to(dtype).index_select(0, e))
             gy, u = gy * s, u * s
         fold = norm_w is not None and spec.fold
-        g_w2f = grouped_mm_wgrad(a, gy, offs, loop) if need[7] or (fold and (need[11] or need[12])) else None
+        g_w2f = grouped_mm_wgrad(a, gy, offs, loop) if need["w2"] or (fold and (need["norm_w"] or need["norm_b"])) \
+            else None
         g_b2f = group_sums(gy, offs, loop) if b2f is not None else None
         g_w2, g_b2, g_nw, g_nb = g_w2f, g_b2f, None, None
         if norm_w is not None:
@@ -368,15 +369,19 @@ class _ExpertFFN(torch.autograd.Function):
         g_b3 = group_sums(g_gate, offs, loop) if b3 is not None else None
         xs = x.to(dtype) if not ctx.has_rows else x.to(dtype).index_select(0, idx[0])
         g_x = None
-        if need[0]:
+        if need["x"]:
             g_xs = grouped_mm(g_z, cast(w1, dtype).transpose(1, 2), offs, loop)
             if gate is not None:
                 g_xs = g_xs + grouped_mm(g_gate, cast(w3, dtype).transpose(1, 2), offs, loop)
             g_x = (g_xs if not ctx.has_rows else _sum_rows(g_xs, idx[1], ctx.k)).to(x.dtype)
-        g_w1 = grouped_mm_wgrad(xs, g_z, offs, loop) if need[5] else None
-        g_w3 = grouped_mm_wgrad(xs, g_gate, offs, loop) if gate is not None and need[6] else None
+        g_w1 = grouped_mm_wgrad(xs, g_z, offs, loop) if need["w1"] else None
+        g_w3 = grouped_mm_wgrad(xs, g_gate, offs, loop) if gate is not None and need["w3"] else None
         return (g_x, None, _like(g_scale, scale), None, None, _like(g_w1, w1), _like(g_w3, w3), _like(g_w2, w2),
                 _like(g_b1, b1), _like(g_b3, b3), _like(g_b2, b2), _like(g_nw, norm_w), _like(g_nb, norm_b))
+
+
+_ARGS = ("x", "rows", "scale", "groups", "spec", "w1", "w3", "w2", "b1", "b3", "b2", "norm_w", "norm_b")
+"""The arguments of `_ExpertFFN.forward`, in order: backward reads ctx.needs_input_grad by these names."""
 
 
 def _like(g: Tensor | None, t: Tensor | None) -> Tensor | None:
