@@ -156,10 +156,11 @@ def test_torchrun_training_matches_one_process_on_the_global_batch(runs, task, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp2"])
 def test_compiled_torchrun_training_matches_one_process(runs, tmp_path, mode):
     """Encoder blocks compiled (train.compile=true) under torchrun give the eager one-process run's losses and
-    weights, as the eager torchrun runs do."""
+    weights, as the eager torchrun runs do: with DDP and expert parallelism (whose all_to_all runs eagerly between
+    two graphs), and with FSDP2."""
     run = tmp_path / "compiled"
     train_cli([*runs.args("pretrain"), *TINY, *MODES[mode], *COMPILED, f"run_dir={run}"], WORLD)
     ref_run, ref_state = runs.reference("pretrain")

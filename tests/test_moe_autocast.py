@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -55,3 +57,52 @@ def test_bf16_autocast_forward_backward(variant, dispatch, subln, device):
     assert torch.isfinite(x.grad).all()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_expert_weights_are_cast_once_per_step_with_the_same_results():
+    """Inside cast_weights_once (the trainer opens it around each optimizer step) every expert weight is cast to the
+    compute dtype once, for all micro-batches' forwards and backwards; outputs and gradients equal casting per use.
+    A weight changed in place inside the context (its version moves) is cast again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mm_moe.moe import cast_weights_once
+    from mm_moe.moe.experts import GroupedExperts
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            to_bf16 = (kwargs or {}).get("dtype") == torch.bfloat16
+            if func.overloadpacket.__name__ == "_to_copy" and to_bf16 and tuple(args[0].shape) in self.shapes:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 24, "swiglu", bias=True)
+    shapes = {tuple(p.shape) for p in (experts.w1, experts.w2, experts.w3)}
+    batches = [(torch.randn(10, 16), torch.randint(0, 4, (10, 2)), torch.rand(10, 2)) for _ in range(2)]
+    runs = []
+    for once in (False, True):
+        experts.zero_grad()
+        with cast_weights_once() if once else contextlib.nullcontext(), WeightCasts(shapes) as casts:
+            outs = []
+            for x, idx, w in batches:  # two micro-batches of one step
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = experts(x, idx, w)
+                y.float().square().sum().backward()
+                outs.append(y)
+        runs.append((outs, [p.grad.clone() for p in experts.parameters()], casts.count))
+    (plain_out, plain_grads, plain_casts), (once_out, once_grads, once_casts) = runs
+    for a, b in zip(plain_out + plain_grads, once_out + once_grads, strict=True):
+        assert torch.equal(a, b)
+    assert once_casts == 3 and plain_casts > 3 * 2  # once each; otherwise per forward and backward of each batch
+    with cast_weights_once():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = experts(*batches[0])
+        with torch.no_grad():
+            experts.w2.mul_(2.0)  # a change inside the context (an optimizer step would be outside)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            after = experts(*batches[0])
+    assert not torch.equal(before, after)
