@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mm_moe.config import run_reporting
+    from mm_moe.errors import run_reporting
 
     return run_reporting("eval_caption.py", lambda: print(json.dumps(run(args), indent=2)))
 
@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.ckpt:
         from mm_moe.data import CaptionDataset
         from mm_moe.engine import resolve_checkpoint
-        from mm_moe.eval import BeamConfig, caption_predictions
+        from mm_moe.eval import caption_predictions
         from mm_moe.inference import Captioner
+        from mm_moe.model import BeamConfig
 
         p = Captioner.from_pretrained(args.ckpt, verify=args.verify)
         cfg = p.cfg
@@ -68,8 +69,8 @@ def run(args: argparse.Namespace) -> dict:
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} captions to {out}")
     else:
-        from mm_moe.config import InputError
         from mm_moe.data.common import read_json
+        from mm_moe.errors import InputError
 
         results = read_json(args.results)
         if not isinstance(results, list):

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ckpt and args.images is None:
         p.error("--ckpt needs --images")
-    from mm_moe.config import run_reporting
+    from mm_moe.errors import run_reporting
 
     return run_reporting("eval_nlvr2.py", lambda: run(args))
 

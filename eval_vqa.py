@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ckpt needs --images")
     if args.results and args.annotations is None:
         p.error("--results needs --annotations (there is nothing to do with a results file but score it)")
-    from mm_moe.config import run_reporting
+    from mm_moe.errors import run_reporting
 
     return run_reporting("eval_vqa.py", lambda: run(args))
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     """Predict (--ckpt) and/or score."""
     from mm_moe.eval import evaluate_vqa
-    from mm_moe.eval.vqa_metric import read_results
+    from mm_moe.formats.vqa import read_results
 
     if args.ckpt:
         from mm_moe.data import VQADataset

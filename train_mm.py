@@ -20,7 +20,9 @@ import argparse
 import json
 import sys
 
-from mm_moe.config import ConfigError, RunConfig, load_config, run_reporting
+from mm_moe.config import RunConfig
+from mm_moe.config_files import load_config
+from mm_moe.errors import ConfigError, run_reporting
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -69,10 +71,11 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     """The run: set up, train, evaluate."""
     import torch
 
-    from mm_moe.config import to_dict
+    from mm_moe.config_files import to_dict
     from mm_moe.data import load_tokenizer
     from mm_moe.engine import Trainer, build_task, finish_distributed, init_distributed, latest_checkpoint
-    from mm_moe.engine.checkpoint import CheckpointError, init_encoder
+    from mm_moe.engine.checkpoint import CheckpointError
+    from mm_moe.engine.init_weights import init_encoder
     from mm_moe.engine.run_dir import RESUMABLE, check_run_dir, config_differences, restart_metrics
 
     run_dir = check_run_dir(cfg.run_dir, args.overwrite)

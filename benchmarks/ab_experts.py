@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from bench_train import VARIANTS, batch, interleaved_times, with_moe
 
-from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
+from mm_moe.config import BEiT3Config, ObjectivesConfig
+from mm_moe.config_files import load_config
 from mm_moe.engine import init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
 from mm_moe.moe import matched_variants

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from mm_moe.config import BEiT3Config, load_config
+from mm_moe.config import BEiT3Config
+from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
-from mm_moe.eval import BeamConfig, CaptionDecoder
-from mm_moe.model import BEiT3ForCaptioning
+from mm_moe.model import BeamConfig, BEiT3ForCaptioning, CaptionDecoder
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ import torch
 from bench_moe import compile_modules, fwd_bwd, launches, make_candidates, measure_pair
 from bench_train import PEAK_BF16, batch, saved_and_flops, timed_step, with_moe
 
-from mm_moe.config import BEiT3Config, ObjectivesConfig, load_config
+from mm_moe.config import BEiT3Config, ObjectivesConfig
+from mm_moe.config_files import load_config
 from mm_moe.engine import compile_blocks, configure_compile, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining
 from mm_moe.moe import matched_variants

@@ -36,7 +36,8 @@ import torch
 from bench_moe import OP_CLASSES, OpTimer, launches, profile_inductor_kernels
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig, load_config
+from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig
+from mm_moe.config_files import load_config
 from mm_moe.constants import IGNORE_INDEX
 from mm_moe.engine import SavedForBackward, compile_blocks, init_distributed, pretrain_loss
 from mm_moe.model import BEiT3ForPretraining

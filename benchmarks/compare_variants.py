@@ -41,7 +41,8 @@ from bench_train import VARIANTS
 
 import train_mm
 from mm_moe.analysis import analyze
-from mm_moe.config import BEiT3Config, FFNConfig, load_config
+from mm_moe.config import BEiT3Config, FFNConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
 from mm_moe.engine import load_run_config, read_metrics, resolve_checkpoint
 from mm_moe.inference import load_pretraining_model

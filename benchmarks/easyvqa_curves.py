@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import VARIANTS
 from compare_variants import base_model, model_overrides
 
-from mm_moe.config import RunConfig, load_config
+from mm_moe.config import RunConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import VQADataset, eval_transform, load_tokenizer
 from mm_moe.engine import Trainer, build_task
-from mm_moe.engine.checkpoint import init_encoder
+from mm_moe.engine.init_weights import init_encoder
 from mm_moe.moe import matched_variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         probes = {split: Probe(questions, annotations, d.vqa_images, tok, m.img_size, m.max_text_len, args.sample)
                   for split, questions, annotations in (("val", d.vqa_val_questions, d.vqa_val_annotations),
                                                         ("train", d.vqa_train_questions, d.vqa_train_annotations))}
-        answers = task.answer_vocab.answers
+        answers = task.answers
         batches, t0 = trainer._batches(), time.perf_counter()
         trainer.model.train()
         while trainer.step < cfg.train.steps:

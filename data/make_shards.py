@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mm_moe.config import InputError, run_reporting
+from mm_moe.errors import InputError, run_reporting
 
 
 def _json(path: Path) -> dict:

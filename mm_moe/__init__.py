@@ -12,7 +12,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "mm_moe.config": ["RunConfig", "BEiT3Config", "FFNConfig", "ConfigError", "load_config"],
+    "mm_moe.config": ["RunConfig", "BEiT3Config", "FFNConfig"],
+    "mm_moe.config_files": ["load_config"],
+    "mm_moe.errors": ["ConfigError", "InputError"],
     "mm_moe.moe": ["build_ffn"],
     "mm_moe.model": ["BEiT3", "BEiT3ForPretraining", "BEiT3ForVQA", "BEiT3ForNLVR2", "BEiT3ForCaptioning"],
     "mm_moe.data": ["load_tokenizer"],

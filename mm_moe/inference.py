@@ -32,14 +32,16 @@ from PIL import Image
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from mm_moe.config import InputError, RunConfig, run_reporting, to_dict
+from mm_moe.config import RunConfig
+from mm_moe.config_files import to_dict
 from mm_moe.data.common import load_image, pad, to_rgb
 from mm_moe.data.tokenizer import check_tokenizer, load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.data.vqa import AnswerVocab
 from mm_moe.engine.checkpoint import load_run_config, load_weights, resolve_checkpoint, write_manifest
-from mm_moe.eval.captioning import BeamConfig, CaptionDecoder
+from mm_moe.errors import InputError, run_reporting
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForPretraining, BEiT3ForVQA
+from mm_moe.model.generation import BeamConfig, CaptionDecoder
 
 ImageLike = str | Path | Image.Image | Tensor
 """A file path, a PIL image, or an image tensor [3, H, W] already transformed (normalised, model size)."""

@@ -18,9 +18,11 @@ from cli_scripts import script
 from PIL import Image
 from safetensors.torch import load_file
 
-from mm_moe.config import BEiT3Config, FFNConfig, InputError, RunConfig, load_config
+from mm_moe.config import BEiT3Config, FFNConfig, RunConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import check_tokenizer, load_tokenizer, write_world
-from mm_moe.engine.checkpoint import fit_positions, init_encoder
+from mm_moe.engine.init_weights import fit_positions, init_encoder
+from mm_moe.errors import InputError
 from mm_moe.inference import Captioner, NLVR2Predictor, VQAPredictor
 from mm_moe.inference import main as predict_main
 from mm_moe.model import BEiT3, BEiT3ForPretraining, BEiT3ForVQA

@@ -9,16 +9,9 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from mm_moe.config import (
-    BEiT3Config,
-    ConfigError,
-    FFNConfig,
-    RunConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from mm_moe.config import BEiT3Config, FFNConfig, RunConfig
+from mm_moe.config_files import apply_overrides, from_dict, load_config, to_dict
+from mm_moe.errors import ConfigError
 
 
 @dataclass

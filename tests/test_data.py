@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mm_moe.config import BEiT3Config, InputError, PretrainDataConfig
+from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
@@ -27,7 +27,8 @@ from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
 from mm_moe.data.transforms import eval_transform
 from mm_moe.data.vqa import AnswerVocab, VQADataset
-from mm_moe.eval.vqa_metric import normalize_answer
+from mm_moe.errors import InputError
+from mm_moe.formats.vqa import normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,8 @@ def test_vqa_dataset_reads_official_format(world, tok):
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_train_crop_scale_one_trains_on_the_whole_image(world, tok, scale):
     """data.train_crop_scale=1: fine-tuning images are the eval transform's (nothing cut off); below 1, crops."""
-    from mm_moe.config import RunConfig, load_config
+    from mm_moe.config import RunConfig
+    from mm_moe.config_files import load_config
     from mm_moe.data.synthetic import world_files
     from mm_moe.engine import build_task
 
@@ -233,7 +235,8 @@ def test_train_crop_scale_one_trains_on_the_whole_image(world, tok, scale):
 def test_train_dihedral_gives_the_squares_eight_symmetries(world, tok):
     """data.train_dihedral: every training image is exactly one of the 8 flips / quarter turns of the whole image
     (no resampling), and over enough draws all 8 occur."""
-    from mm_moe.config import RunConfig, load_config
+    from mm_moe.config import RunConfig
+    from mm_moe.config_files import load_config
     from mm_moe.data.synthetic import world_files
     from mm_moe.engine import build_task
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mm_moe.config import RunConfig, load_config
+from mm_moe.config import RunConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer, write_world
 from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import latest_checkpoint

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig, load_config
+from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import write_world
 from mm_moe.engine import Task, Trainer
 from mm_moe.engine.checkpoint import (

@@ -18,11 +18,14 @@ from cli_scripts import script
 from PIL import Image
 from safetensors.torch import load_file
 
-from mm_moe.config import BEiT3Config, ConfigError, InputError, PretrainDataConfig, RunConfig, load_config
+from mm_moe.config import BEiT3Config, PretrainDataConfig, RunConfig
+from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer, write_world
 from mm_moe.data.shards import SkipCounter, pretrain_loader, shard_urls
 from mm_moe.engine import DistInfo, Task, Trainer
-from mm_moe.engine.checkpoint import init_encoder, save_checkpoint
+from mm_moe.engine.checkpoint import save_checkpoint
+from mm_moe.engine.init_weights import init_encoder
+from mm_moe.errors import ConfigError, InputError
 from mm_moe.model import BEiT3ForPretraining, BEiT3ForVQA
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,12 @@ import shutil
 import pytest
 import torch
 
-from mm_moe.config import BEiT3Config, InputError, load_config
+from mm_moe.config import BEiT3Config
+from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
-from mm_moe.eval import BeamConfig, CaptionDecoder, nlvr2_metrics, read_predictions, score_captions, write_predictions
-from mm_moe.model import BEiT3ForCaptioning
+from mm_moe.errors import InputError
+from mm_moe.eval import nlvr2_metrics, read_predictions, score_captions, write_predictions
+from mm_moe.model import BeamConfig, BEiT3ForCaptioning, CaptionDecoder
 
 
 @pytest.fixture(scope="module")

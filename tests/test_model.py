@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from mm_moe.config import ConfigError, FFNConfig, load_config, moe_layer_ids
+from mm_moe.config import FFNConfig
+from mm_moe.config_files import load_config
+from mm_moe.errors import ConfigError
 from mm_moe.model import (
     BEiT3,
     BEiT3Config,
@@ -22,6 +24,7 @@ from mm_moe.model import (
 from mm_moe.model.embed import VisionEmbedding
 from mm_moe.model.heads import normalized_pixel_target, patchify
 from mm_moe.moe.layers import MoELayer
+from mm_moe.placement import moe_layer_ids
 
 DENSE = FFNConfig(kind="dense", hidden=64, subln=True)
 MOES = {

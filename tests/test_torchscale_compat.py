@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from mm_moe.config import FFNConfig, load_config
+from mm_moe.config import FFNConfig
+from mm_moe.config_files import load_config
 from mm_moe.model import BEiT3, BEiT3Config, caption_mask
 
 with warnings.catch_warnings():

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from mm_moe.config import InputError
-from mm_moe.eval.vqa_metric import evaluate, normalize_answer, process_digit_article, process_punctuation, vqa_accuracy
+from mm_moe.errors import InputError
+from mm_moe.eval.vqa_metric import evaluate, vqa_accuracy
+from mm_moe.formats.vqa import normalize_answer, process_digit_article, process_punctuation
 
 
 def test_punctuation_next_to_a_space_is_deleted_else_replaced_by_a_space():

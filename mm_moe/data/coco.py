@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, Skipped, collate_kept, pad, read_json, require, skipping, text_of
 from mm_moe.data.skips import SkipCounter
 from mm_moe.data.transforms import seed_of
+from mm_moe.errors import InputError
 
 TRAIN_SPLITS = ("train", "restval")
 

@@ -15,9 +15,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from mm_moe.config import InputError
 from mm_moe.data.skips import SampleError, SkipCounter
 from mm_moe.data.transforms import seeded
+from mm_moe.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.config import InputError
 from mm_moe.data.common import SeededItems, Skipped, collate_kept, images_by_name, pad, require, skipping, text_of
 from mm_moe.data.skips import SkipCounter
+from mm_moe.errors import InputError
 
 
 def read_nlvr2(path: str | Path) -> list[dict]:

@@ -21,12 +21,13 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 
-from mm_moe.config import BEiT3Config, InputError, PretrainDataConfig
+from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.constants import IGNORE_INDEX
 from mm_moe.data.common import pad
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.skips import SampleError, SkipCounter
 from mm_moe.data.transforms import eval_transform, seed_of, seeded, train_transform
+from mm_moe.errors import InputError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

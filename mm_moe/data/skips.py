@@ -9,7 +9,7 @@ import tarfile
 
 from webdataset.autodecode import DecodingError
 
-from mm_moe.config import InputError
+from mm_moe.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
-from mm_moe.config import InputError
+from mm_moe.errors import InputError
 
 VOCAB_SIZE = 30522
 WORDPIECE = "bert-base-uncased"

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mm_moe.config import InputError
 from mm_moe.data.common import (
     SeededItems,
     Skipped,
@@ -28,7 +27,8 @@ from mm_moe.data.common import (
     text_of,
 )
 from mm_moe.data.skips import SkipCounter
-from mm_moe.eval.vqa_metric import normalize_answer, read_annotations, read_questions
+from mm_moe.errors import InputError
+from mm_moe.formats.vqa import normalize_answer, read_annotations, read_questions
 
 PathOrPaths = str | Path | Sequence[str | Path]
 

@@ -7,13 +7,13 @@ from mm_moe.engine.distributed import DistInfo, finish_distributed, gradient_syn
 from mm_moe.engine.memory import SavedForBackward, keep_freed_memory
 from mm_moe.engine.metrics import MetricsLogger, plot_curves, read_metrics
 from mm_moe.engine.optim import build_optimizer, build_schedule
-from mm_moe.engine.tasks import build_finetune, build_pretrain, build_task, encoder_tokens, pretrain_loss
-from mm_moe.engine.trainer import Task, Trainer
+from mm_moe.engine.tasks import TASKS, build_task, encoder_tokens, pretrain_loss
+from mm_moe.engine.trainer import Evaluation, Task, Trainer
 
 __all__ = [
     "configure_compile", "compile_blocks", "compiled_graphs",
     "DistInfo", "init_distributed", "finish_distributed", "wrap_model", "gradient_sync", "keep_freed_memory", "SavedForBackward",
-    "Task", "Trainer", "build_task", "build_pretrain", "build_finetune", "pretrain_loss", "encoder_tokens",
+    "Task", "Evaluation", "Trainer", "TASKS", "build_task", "pretrain_loss", "encoder_tokens",
     "build_optimizer", "build_schedule", "MetricsLogger", "plot_curves", "read_metrics",
     "load_run_config", "load_weights", "resolve_checkpoint", "latest_checkpoint", "list_checkpoints",
 ]

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from mm_moe.config import ConfigError, InputError
+from mm_moe.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

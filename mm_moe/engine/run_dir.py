@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mm_moe.config import InputError
+from mm_moe.errors import InputError
 
 MARKER = "mm_moe_run.json"
 """Written into every run folder when a run starts there."""

@@ -17,9 +17,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from mm_moe.config import ConfigError, InputError, RunConfig, RunStopped, to_dict
-from mm_moe.data.vqa import AnswerVocab
+from mm_moe.config import RunConfig
+from mm_moe.config_files import to_dict
 from mm_moe.engine.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -42,6 +42,7 @@ from mm_moe.engine.distributed import DistInfo, any_rank, clip_grad_norm, gradie
 from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.engine.run_dir import mark_run
+from mm_moe.errors import ConfigError, InputError, RunStopped
 from mm_moe.model import TaskOutput
 from mm_moe.moe.experts import cast_weights_once
 from mm_moe.moe.parallel import shard_experts
@@ -49,6 +50,15 @@ from mm_moe.moe.routing import update_routers
 from mm_moe.moe.stats import RoutingStats, activation_by_modality, mean_imbalance, merge_stats
 
 log = logging.getLogger(__name__)
+
+
+class Evaluation(NamedTuple):
+    """A task's validation."""
+
+    evaluate: Callable[[nn.Module, Path | None], dict[str, float]]
+    """Scores of the bare model (writing its predictions into the folder, if given)."""
+    metric: str
+    """The score (higher is better) that picks run_dir/best/."""
 
 
 @dataclass
@@ -64,14 +74,14 @@ class Task:
     includes the MoE aux loss, and with stats=True its `stats` hold every MoE layer's routing statistics."""
     tokens: Callable[[dict], int]
     """Tokens the encoder processes for a batch (throughput logging)."""
-    answer_vocab: AnswerVocab | None = None
-    """VQA: the answers the head predicts over (saved as run_dir/answers.json)."""
     source: str = "the training data"
     """What the loader reads (a shard pattern, a file), named in errors."""
-    evaluate: Callable[[nn.Module, Path | None], dict[str, float]] | None = None
-    """Validation: scores of the bare model (writing its predictions into the folder, if given)."""
-    best_metric: str = ""
-    """The score of `evaluate` (higher is better) that picks run_dir/best/."""
+    evaluation: Evaluation | None = None
+    """Validation, when validation data is configured."""
+    answers: list[str] | None = None
+    """VQA: the answers the head predicts over."""
+    files: dict[str, Callable[[Path], object]] = field(default_factory=dict)
+    """Files the run folder keeps beside the checkpoints (name -> writer of that path), e.g. VQA's answers.json."""
     tokenizer: Any = None
     """The text tokenizer (saved as run_dir/tokenizer/, so the run directory is self-contained)."""
 
@@ -129,15 +139,15 @@ class Trainer:
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=self.info.device)  # 0: every loss finite
         self.stopped_by: str | None = None  # the signal that stopped the run early
         self.step, self.epoch, self.batches_done = 0, 0, 0
-        self.best: float | None = None  # the best validation score so far (task.best_metric)
+        self.best: float | None = None  # the best validation score so far (task.evaluation.metric)
         self.scores: dict[str, float] = {}  # the latest validation
         self.config = to_dict(cfg)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             mark_run(self.run_dir)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
-            if task.answer_vocab is not None:
-                task.answer_vocab.save(self.run_dir / "answers.json")
+            for name, write in task.files.items():
+                write(self.run_dir / name)
             if task.tokenizer is not None:
                 task.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         self.metrics = MetricsLogger(self.run_dir, self.info.is_main, cfg.train.tensorboard)
@@ -184,7 +194,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Score the model (the EMA weights when EMA is on) on the task's validation data, log the scores, and
-        keep run_dir/best/ when task.best_metric improves. Every rank takes part (expert-parallel and FSDP2
+        keep run_dir/best/ when task.evaluation.metric improves. Every rank takes part (expert-parallel and FSDP2
         forwards need all of them) and scores the whole set; the main process writes the files."""
         model = self.ema.module if self.ema is not None else self.raw
         root = self.model if hasattr(self.model, "unshard") else None  # FSDP2: gather the root's own parameters
@@ -193,17 +203,18 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad():
-                self.scores = self.task.evaluate(model, self.run_dir if self.info.is_main else None)
+                self.scores = self.task.evaluation.evaluate(model, self.run_dir if self.info.is_main else None)
         finally:
             model.train()
             if root is not None:
                 root.reshard()
         self.metrics.log({"step": self.step, **self.scores})
-        value = self.scores[self.task.best_metric]
+        metric = self.task.evaluation.metric
+        value = self.scores[metric]
         if self.best is None or value > self.best:
             self.best = value
             save_checkpoint(self.run_dir, self.step, model, self.config, name="best",
-                            trainer_state={"step": self.step, "metric": self.task.best_metric, "value": value})
+                            trainer_state={"step": self.step, "metric": metric, "value": value})
         return self.scores
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -322,10 +333,11 @@ class Trainer:
                              f"{f'resume from {ckpt}' if ckpt else 'no checkpoint was written yet'}") from err
         self.metrics.close()
         if self.info.is_main:
-            plot_curves(self.run_dir, (self.task.best_metric,) if self.task.best_metric else ())
+            metric = self.task.evaluation.metric if self.task.evaluation is not None else None
+            plot_curves(self.run_dir, (metric,) if metric else ())
             if self.scores:
                 (self.run_dir / "eval.json").write_text(json.dumps(
-                    {"step": self.step, **self.scores, "best": {self.task.best_metric: self.best}}, indent=2))
+                    {"step": self.step, **self.scores, "best": {metric: self.best}}, indent=2))
         if self.ema is not None and self.stopped_by is None:
             self.raw.load_state_dict(self.ema.module.state_dict())
         return self.raw
@@ -364,7 +376,7 @@ class Trainer:
                     log.warning("%s: stopped by %s after step %d, checkpoint written; --resume continues", self.run_dir,
                                 self.stopped_by, self.step)
                     return
-                if self.task.evaluate is not None and (self.step == cfg.steps or (
+                if self.task.evaluation is not None and (self.step == cfg.steps or (
                         cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
                     self.validate()
 
@@ -401,4 +413,4 @@ def _lost_rank(err: RuntimeError) -> bool:
     return any(s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
 
 
-__all__ = ["Task", "TaskModule", "Trainer", "NonFiniteLoss", "PREEMPTION_SIGNALS", "autocast_dtype", "to_device"]
+__all__ = ["Task", "Evaluation", "TaskModule", "Trainer", "NonFiniteLoss", "PREEMPTION_SIGNALS", "autocast_dtype", "to_device"]

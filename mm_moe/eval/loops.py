@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mm_moe.config import InputError
-from mm_moe.eval.captioning import BeamConfig, CaptionDecoder, score_captions
+from mm_moe.errors import InputError
+from mm_moe.eval.captioning import score_captions
 from mm_moe.model import BEiT3ForCaptioning, BEiT3ForNLVR2, BEiT3ForVQA
+from mm_moe.model.generation import BeamConfig, CaptionDecoder
 
 
 def _batches(ds: Any, batch_size: int, desc: str) -> Iterator[dict]:

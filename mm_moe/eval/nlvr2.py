@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mm_moe.config import InputError
+from mm_moe.errors import InputError
 
 
 def consistency_key(identifier: str) -> str:

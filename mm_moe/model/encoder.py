@@ -17,9 +17,10 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mm_moe.config import FFNConfig, moe_layer_ids
+from mm_moe.config import FFNConfig
 from mm_moe.model.multiway import Multiway, MultiwayFFN
 from mm_moe.moe import RoutingStats, build_ffn
+from mm_moe.placement import moe_layer_ids
 
 
 @dataclass

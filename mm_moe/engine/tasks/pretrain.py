@@ -1,0 +1,61 @@
+"""Pretraining: masked multimodal modeling on webdataset shards of image-text pairs. Every step combines masked
+language modeling on the text alone, masked image modeling on the image alone, and masked vision-language modeling
+(masked text given the full image), weighted by `objectives`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from mm_moe.config import ObjectivesConfig, RunConfig
+from mm_moe.data.common import epoch_seed
+from mm_moe.data.shards import pretrain_loader, shard_urls
+from mm_moe.engine.tasks.common import encoder_tokens
+from mm_moe.engine.trainer import Task
+from mm_moe.model import BEiT3ForPretraining, TaskOutput
+from mm_moe.moe.stats import merge_stats
+
+
+def pretrain_loss(weights: ObjectivesConfig) -> Callable[..., TaskOutput]:
+    """MLM on text alone, MIM on images alone, VLM on the pairs; one summed loss (+ aux of every pass). With
+    `stats`, the routing statistics of every MoE layer over all three passes (the vision branches see the MIM and
+    VLM passes' image tokens, the language branches the MLM and VLM passes' text)."""
+
+    def loss_fn(model: nn.Module, batch: dict, stats: bool = False) -> TaskOutput:
+        losses, aux, layer_stats, logits = {}, 0.0, {}, None
+        passes = {
+            "mlm": dict(text_ids=batch["masked_ids"], text_padding=batch["text_padding"], mlm_labels=batch["mlm_labels"]),
+            "mim": dict(images=batch["images"], patch_mask=batch["patch_mask"]),
+            "vlm": dict(images=batch["images"], text_ids=batch["masked_ids"], text_padding=batch["text_padding"],
+                        mlm_labels=batch["mlm_labels"]),
+        }
+        for name, kwargs in passes.items():
+            if not getattr(weights, name):
+                continue
+            out = model(**kwargs, stats=stats)
+            losses[name] = next(iter(out.losses.values()))
+            aux = aux + out.aux_loss
+            layer_stats = merge_stats(layer_stats, out.stats)
+            logits = out.logits
+        total = sum(getattr(weights, k) * v for k, v in losses.items()) + aux
+        return TaskOutput(logits, total, aux, layer_stats, losses)
+
+    return loss_fn
+
+
+def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
+    """Pretraining model and loader; rank `rank` of `world` reads its own shards (or resamples them)."""
+    d, t = cfg.pretrain_data, cfg.train
+    urls = shard_urls(d.shards, need=None if d.epoch_batches else world * max(1, t.num_workers))
+
+    def loader(epoch: int):
+        return pretrain_loader(urls, tokenizer, d, cfg.model, t.batch_size, num_workers=t.num_workers,
+                               seed=epoch_seed(t.seed, epoch), rank=rank, world=world)
+
+    return Task(model=BEiT3ForPretraining(cfg.model), loader=loader, loss_fn=pretrain_loss(cfg.objectives),
+                tokens=encoder_tokens(cfg.model.patch_size), source=f"pretrain_data.shards={d.shards}")
+
+
+__all__ = ["pretrain_loss", "build"]
