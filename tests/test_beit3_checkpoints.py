@@ -17,33 +17,22 @@ import torch.nn.functional as F
 from cli_scripts import script
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import TINY_MODEL
 
 from mm_moe.config import BEiT3Config, FFNConfig, RunConfig
 from mm_moe.config_files import load_config
-from mm_moe.data import check_tokenizer, load_tokenizer, write_world
+from mm_moe.data import check_tokenizer, load_tokenizer
 from mm_moe.engine.init_weights import fit_positions, init_encoder
 from mm_moe.errors import InputError
 from mm_moe.inference import Captioner, NLVR2Predictor, VQAPredictor
 from mm_moe.inference import main as predict_main
 from mm_moe.model import BEiT3, BEiT3ForPretraining, BEiT3ForVQA
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # torchscale imports timm.models.layers
-    torchscale_beit3 = pytest.importorskip("torchscale.model.BEiT3")
-    from torchscale.architecture.config import EncoderConfig
-
 ROOT = Path(__file__).resolve().parents[1]
 train_mm = script("train_mm.py")
 SPARE = 8  # like BEiT-3: 64010 embedding rows for a 64002-token tokenizer
 BEIT3_BASE = [f"model={ROOT / 'configs/model/beit3_base.yaml'}", "model.depth=2"]
 RUN = ["train.batch_size=4", "train.steps=2", "train.log_every=1", "train.num_workers=0"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    write_world(out, n_train=12, n_val=2, n_test=2, n_pairs_train=4, n_pairs_dev=2, size=64, shard_count=2)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +57,19 @@ def vocab_rows(spm_file) -> int:
     return len(load_tokenizer(spm_file)) + SPARE
 
 
+def torchscale():
+    """torchscale's BEiT3 module and EncoderConfig: the tests that compare with torchscale (the test-only peer that
+    `make test` installs) skip without it, saying so; the others here do not need it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torchscale imports timm.models.layers
+        beit3 = pytest.importorskip("torchscale.model.BEiT3")
+        from torchscale.architecture.config import EncoderConfig
+    return beit3, EncoderConfig
+
+
 def torchscale_model(vocab_size: int, layers: int = 2, **kw) -> torch.nn.Module:
     """A torchscale BEiT3 with unilm beit3's `_get_base_config` settings (base width), every weight non-trivial."""
+    torchscale_beit3, EncoderConfig = torchscale()
     torch.manual_seed(0)
     cfg = EncoderConfig(multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
                         img_size=224, patch_size=16, vocab_size=vocab_size, encoder_embed_dim=768,
@@ -160,6 +160,7 @@ def test_public_base_and_large_configs_take_full_size_released_checkpoints(tmp_p
     `_get_base_config` / `_get_large_config` (vocab 64010, 1024 text positions): same parameters, names converted."""
     from mm_moe.model import convert_torchscale_state_dict
 
+    torchscale_beit3, EncoderConfig = torchscale()
     for name, d, heads, ffn, depth in (("beit3_base", 768, 12, 3072, 12), ("beit3_large", 1024, 16, 4096, 24)):
         with torch.device("meta"):
             cfg = EncoderConfig(multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
@@ -203,21 +204,27 @@ def test_upcycle_of_the_pth_to_renormalized_smoe_reproduces_torchscale(released,
 
 
 # --- through the CLI, then the inference API ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vqa_run(tmp_path_factory, world, released, spm_file, vocab_rows) -> Path:
-    """VQA fine-tuned for 2 steps at 256px from the 224px .pth, through train_mm.py."""
-    run = tmp_path_factory.mktemp("vqa") / "run"
+def vqa_finetune(run: Path, world: Path, spm_file: Path, vocab_rows: int, *init: str) -> Path:
+    """VQA fine-tuned for 2 steps at 256px (BEiT-3 base width, 2 layers, the SentencePiece tokenizer) through
+    train_mm.py."""
     assert train_mm.main(["finetune", "vqa", "--config", str(ROOT / "configs/finetune_vqa_demo.yaml"),
                           *beit3_args(spm_file, vocab_rows), "model.img_size=256", "model.max_text_len=32",
-                          f"run_dir={run}", "--init", str(released[1]),
+                          f"run_dir={run}", *init,
                           f"data.vqa_train_questions={world}/vqa/v2_OpenEnded_mscoco_train2014_questions.json",
                           f"data.vqa_train_annotations={world}/vqa/v2_mscoco_train2014_annotations.json",
                           f"data.vqa_images={world}/vqa/images", "data.vqa_val_questions=''"]) == 0
     return run
 
 
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory, world, spm_file, vocab_rows) -> Path:
+    """A VQA run the predictor tests read (no torchscale needed)."""
+    return vqa_finetune(tmp_path_factory.mktemp("vqa") / "run", world, spm_file, vocab_rows)
+
+
 @pytest.mark.slow
-def test_vqa_finetune_from_the_pth_at_256px(vqa_run, released, capsys):
+def test_vqa_finetune_from_the_pth_at_256px(tmp_path, world, released, spm_file, vocab_rows):
+    vqa_run = vqa_finetune(tmp_path / "run", world, spm_file, vocab_rows, "--init", str(released[1]))
     records = [json.loads(line) for line in (vqa_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -277,11 +284,11 @@ def test_predict_command_line(vqa_run, world, capsys):
 
 
 @pytest.mark.slow
-def test_caption_finetune_from_the_pth_and_the_captioner(tmp_path, world, released, spm_file, vocab_rows):
+def test_caption_finetune_and_the_captioner(tmp_path, world, spm_file, vocab_rows):
     run = tmp_path / "caption"
     assert train_mm.main(["finetune", "caption", "--config", str(ROOT / "configs/finetune_caption_demo.yaml"),
                           *beit3_args(spm_file, vocab_rows), "model.max_text_len=24", f"run_dir={run}",
-                          "--init", str(released[1]), f"data.karpathy={world}/coco/dataset_coco.json",
+                          f"data.karpathy={world}/coco/dataset_coco.json",
                           f"data.coco_images={world}/vqa/images", "data.caption_beam=1"]) == 0
     captioner = Captioner.from_pretrained(run)
     images = images_of(world, 2)
@@ -296,9 +303,7 @@ def test_caption_finetune_from_the_pth_and_the_captioner(tmp_path, world, releas
 @pytest.mark.slow
 def test_nlvr2_predictor(tmp_path, world):
     run = tmp_path / "nlvr2"
-    tiny = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
-            "model.moe.hidden=16", "model.moe.num_experts=4"]
-    assert train_mm.main(["finetune", "nlvr2", "--config", str(ROOT / "configs/finetune_nlvr2_demo.yaml"), *tiny, *RUN,
+    assert train_mm.main(["finetune", "nlvr2", "--config", str(ROOT / "configs/finetune_nlvr2_demo.yaml"), *TINY_MODEL, *RUN,
                           f"run_dir={run}", f"data.nlvr2_train={world}/nlvr2/train.json",
                           f"data.nlvr2_dev={world}/nlvr2/dev.json", f"data.nlvr2_images={world}/nlvr2/images"]) == 0
     predictor = NLVR2Predictor.from_pretrained(run)

@@ -45,6 +45,11 @@ def test_bench_moe_prints_a_ratio_for_every_layer_and_peer():
                 assert math.isfinite(ratio) and ratio > 0, row.group(0)
             kernels, twin = int(row.group(3)), int(row.group(4))
             assert kernels > twin > 0, row.group(0)  # routing, dispatch and combine launch more than a dense FFN
+            saved = float(row.group(2))  # counted exactly: the recomputing experts keep less than the twin, MH-MoE
+            if layer in ("smoe", "xmoe"):  # (which keeps its h sub-tokens' projections too) more
+                assert saved < 1, row.group(0)
+            if layer == "mhmoe h=4":
+                assert saved > 1, row.group(0)
 
 
 def test_bench_moe_breakdown_mode_and_glibc_default():
@@ -134,11 +139,13 @@ def test_bench_train_reports_throughput_saved_bytes_and_time_by_op_class_for_eve
     assert header, out
     classes = header.group(1).split(" | ")
     assert classes == ["matmul", "gather/scatter", "activation", "norm", "routing", "other", "between ops"]
+    kernels = {}
     for variant in ("dense", "smoe", "xmoe", "mhmoe", "cartesian"):
         row = re.search(rf"^\| tiny \| {variant} \| [\d.]+M \| ([\d.]+) \| ([\d.]+)x \| (\d+) MB \| ([\d.]+)x \| (\d+) \|$",
                         out, re.M)
         assert row, f"{variant}:\n{out}"
         assert float(row.group(1)) > 0 and float(row.group(4)) > 0
+        kernels[variant] = int(row.group(5))
         if variant == "dense":
             assert row.group(2) == row.group(4) == "1.00"
         step, *parts = map(float, re.search(rf"^\| {variant} \| (.*) \|$", out, re.M).group(1).split(" | "))
@@ -146,6 +153,7 @@ def test_bench_train_reports_throughput_saved_bytes_and_time_by_op_class_for_eve
         assert sum(parts) == pytest.approx(step, abs=0.05 * len(parts))  # the classes and the gaps make up the step
         assert ms["matmul"] > 0
         assert (ms["routing"] > 0) == (variant != "dense")  # softmax, top-k and the dispatch sort: MoE layers only
+    assert all(kernels[v] > kernels["dense"] for v in kernels if v != "dense"), kernels  # routing, dispatch, combine
 
 
 def test_ab_experts_times_both_implementations_of_the_same_model_against_dense():

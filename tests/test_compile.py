@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_MODEL
 
 from mm_moe.config import BEiT3Config, FFNConfig, ObjectivesConfig
-from mm_moe.data import write_world
 from mm_moe.engine import compile_blocks, compiled_graphs, configure_compile
 from mm_moe.engine.tasks import pretrain_loss
 from mm_moe.model import BEiT3ForPretraining, Block
@@ -157,7 +157,7 @@ def _resumed_copy(run: Path, to: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path):
+def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, world):
     """train_mm.py pretrain with train.compile=true (aot_eager), gradient checkpointing and EMA on: the eager run's
     losses and gradient norms, checkpoints under the eager names; a compiled run resumed from its step-2 checkpoint
     equals the uninterrupted one bit for bit, and an eager run resumes it too.
@@ -165,12 +165,9 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path):
     Not bit for bit against eager: a parameter used by several passes of the step gets one gradient sum per pass
     from a compiled block, while eager autograd interleaves the passes' gradient paths (F.normalize of the X-MoE
     expert embeddings uses them twice), so their float32 sums associate differently (an ulp of those gradients)."""
-    world = tmp_path / "world"
-    write_world(world, n_train=40, n_val=2, n_test=2, n_pairs_train=2, n_pairs_dev=2, size=32, shard_count=30)
-    args = ["pretrain", "--config", "configs/pretrain_demo.yaml", "model.img_size=32", "model.d_model=32",
-            "model.depth=2", "model.heads=2", "model.ffn.hidden=64", "model.moe.hidden=16", "model.moe.num_experts=4",
-            "model.moe.recompute=true", "model.grad_checkpointing=true", "train.ema_decay=0.9", "train.batch_size=8",
-            "train.steps=3", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
+    args = ["pretrain", "--config", "configs/pretrain_demo.yaml", *TINY_MODEL, "model.moe.recompute=true",
+            "model.grad_checkpointing=true", "train.ema_decay=0.9", "train.batch_size=8", "train.steps=3",
+            "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
             f"pretrain_data.shards={world / 'shards'}", "pretrain_data.shuffle_buffer=20"]
     compiled = ["train.compile=true", "train.compile_backend=aot_eager"]
     eager_run, compiled_run = tmp_path / "eager", tmp_path / "compiled"

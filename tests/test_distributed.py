@@ -22,17 +22,17 @@ import dist_workers
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_MODEL, tiny_world
 
 from mm_moe.config import RunConfig
 from mm_moe.config_files import load_config
-from mm_moe.data import load_tokenizer, write_world
+from mm_moe.data import load_tokenizer
 from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
-        "model.moe.hidden=16", "model.moe.num_experts=4", "model.drop_path=0", "train.batch_size=4", "train.steps=4",
+TINY = [*TINY_MODEL, "model.drop_path=0", "train.batch_size=4", "train.steps=4",
         "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "train.eval_every=2", "optim.warmup_steps=2",
         # Adam's m / sqrt(v) turns the rounding of a near-zero gradient (summed in another order by 2 ranks than
         # by 1 process) into a full-size update; with eps 1e-3 an update stays proportional to its gradient
@@ -47,8 +47,7 @@ class Runs:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.world = root / "world"
-        write_world(self.world, n_train=40, n_val=2, n_test=2, n_pairs_train=8, n_pairs_dev=2, size=32, shard_count=30)
+        self.world = tiny_world(root / "world")
         self.done: dict[tuple[str, str], Path] = {}
         self.references: dict[str, tuple[Path, dict]] = {}
 

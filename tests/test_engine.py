@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig
 from mm_moe.config_files import load_config
-from mm_moe.data import write_world
 from mm_moe.engine import Task, Trainer
 from mm_moe.engine.checkpoint import (
     CheckpointError,
@@ -140,12 +140,9 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(tmp_path):
-    world = tmp_path / "world"
-    write_world(world, n_train=40, n_val=2, n_test=2, n_pairs_train=2, n_pairs_dev=2, size=32, shard_count=30)
+def test_killed_run_resumes_exactly(tmp_path, world):
     args = [sys.executable, str(ROOT / "train_mm.py"), "pretrain", "--config", str(ROOT / "configs/pretrain_demo.yaml"),
-            "model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
-            "model.moe.hidden=16", "model.moe.num_experts=4", "train.batch_size=8", "train.grad_accum=2",
+            *TINY_MODEL, "train.batch_size=8", "train.grad_accum=2",
             "train.steps=10", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
             "train.ema_decay=0.9", f"pretrain_data.shards={world / 'shards'}", "pretrain_data.shuffle_buffer=20"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -17,10 +17,11 @@ import torch
 from cli_scripts import script
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import TINY, TINY_MODEL
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig, RunConfig
 from mm_moe.config_files import load_config
-from mm_moe.data import load_tokenizer, write_world
+from mm_moe.data import load_tokenizer
 from mm_moe.data.shards import SkipCounter, pretrain_loader, shard_urls
 from mm_moe.engine import DistInfo, Task, Trainer
 from mm_moe.engine.checkpoint import save_checkpoint
@@ -33,15 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 train_mm, eval_vqa = script("train_mm.py"), script("eval_vqa.py")
-TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
-        "model.moe.hidden=16", "model.moe.num_experts=4", "train.batch_size=4", "train.steps=2", "train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    write_world(out, n_train=12, n_val=2, n_test=2, n_pairs_train=2, n_pairs_dev=2, size=32, shard_count=12)
-    return out
 
 
 def error_of(main, argv: list[str], capsys) -> str:
@@ -166,8 +158,7 @@ def test_resume_needs_a_checkpoint_and_auto_resume_starts_without_one(tmp_path, 
 @pytest.fixture(scope="module")
 def depth_three(tmp_path_factory) -> Path:
     """A checkpoint of a 3-block encoder."""
-    cfg = load_config(BEiT3Config, ROOT / "configs/model/tiny.yaml",
-                      [o.removeprefix("model.") for o in TINY if o.startswith("model.")] + ["depth=3"])
+    cfg = load_config(BEiT3Config, ROOT / "configs/model/tiny.yaml", [o.removeprefix("model.") for o in TINY_MODEL] + ["depth=3"])
     out = tmp_path_factory.mktemp("ckpt")
     return save_checkpoint(out, 1, BEiT3ForPretraining(cfg), {})
 
@@ -184,8 +175,7 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_keys(tmp_path, capsy
 
 
 def test_init_partial_loads_what_fits_and_reports_the_rest(tmp_path, capsys, world, depth_three):
-    cfg = load_config(BEiT3Config, ROOT / "configs/model/tiny.yaml",
-                      [o.removeprefix("model.") for o in TINY if o.startswith("model.")])
+    cfg = load_config(BEiT3Config, ROOT / "configs/model/tiny.yaml", [o.removeprefix("model.") for o in TINY_MODEL])
     model = BEiT3ForVQA(cfg, 3)
     report = init_encoder(model, depth_three, partial=True)
     assert report["unexpected"] and all(k.startswith("encoder.blocks.2.") for k in report["unexpected"])

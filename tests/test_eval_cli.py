@@ -9,22 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from cli_scripts import script
+from tiny import TINY
 
-from mm_moe.data import write_world
 from mm_moe.data.nlvr2 import read_nlvr2
 from mm_moe.eval import nlvr2_metrics, read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.img_size=32", "model.d_model=32", "model.depth=2", "model.heads=2", "model.ffn.hidden=64",
-        "model.moe.hidden=16", "model.moe.num_experts=4", "train.batch_size=4", "train.steps=2", "train.log_every=1"]
-
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    write_world(out, n_train=8, n_val=2, n_test=2, n_pairs_train=4, n_pairs_dev=3, size=32, shard_count=8)
-    return out
 
 
 @pytest.mark.slow
