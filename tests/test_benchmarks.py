@@ -256,3 +256,20 @@ def test_easyvqa_curves_scores_a_results_file_by_kind(tmp_path, monkeypatch):
     results.write_text(json.dumps([{"question_id": 0, "answer": "yes"}]))
     with pytest.raises(KeyError, match=r"r\.json: no answer for question 1"):
         curves.score_results(str(results), str(questions), str(annotations))
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_benchmark_runs_its_whole_flow_at_toy_sizes(tmp_path):
+    """bench_gpu.py (make bench-gpu) on the CPU at toy sizes: both parts run, eager and compiled side by side, and
+    the report holds a row per layer and token count and per model, mode and batch."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick", "--backend",
+           "aot_eager", "--variants", "smoe", "--out", str(tmp_path)]
+    subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    report = (tmp_path / "report.md").read_text()
+    for layer in ("smoe", "mhmoe h=4", "cartesian"):
+        for tokens in (64, 128):
+            row = re.search(rf"^\| {re.escape(layer)} \| {tokens} \|((?: [\d.]+x? \|){{9}}) \d+ / \d+ \|$", report, re.M)
+            assert row, f"{layer} {tokens}:\n{report}"
+    for model in ("dense", "smoe"):
+        for mode in ("eager", "compiled"):
+            assert re.search(rf"^\| 2 \| {model} \| {mode} \| [\d.]+ \| [\d.]+x \|", report, re.M), f"{model} {mode}:\n{report}"

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# measured on the 2-core VM (deterministic, the same in any folder): VQA 35.2 vs majority 12.2, NLVR2 71.3, CIDEr 0.37
-QUICK_VQA_MARGIN, QUICK_NLVR2_MIN, QUICK_CIDER_MIN = 10.0, 60.0, 0.10
+# measured on the 2-core VM (deterministic, the same in any folder): VQA 35.8 vs majority 12.2, NLVR2 70.7, CIDEr 0.35;
+# the bounds leave about a quarter of each gain over its baseline for other CPUs' rounding (MKL kernels differ)
+QUICK_VQA_MARGIN, QUICK_NLVR2_MIN, QUICK_CIDER_MIN = 18.0, 66.0, 0.25
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Parameter / FLOP counting and the parity helpers, against module numel, torch's FLOP counter and reference.md."""
+"""Parameter / FLOP counting and the parity helpers, against module numel, torch's FLOP counter and the paper's examples."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def test_backward_flops_are_twice_the_forward(name):
     assert counter.get_total_flops() == 2 * forward
 
 
-def test_mhmoe_worked_examples_from_reference():
-    """reference.md: d=768, SMoE E=8 k=1 d_moe=2048 ~ MH-MoE h=2 E=40 k=2 d_expert=768 ~ h=3 E=96 k=3 d_expert=512.
+def test_mhmoe_worked_examples_of_the_paper():
+    """arXiv 2411.16205's example: d=768, SMoE E=8 k=1 d_moe=2048 ~ MH-MoE h=2 E=40 k=2 d_expert=768 ~ h=3 E=96 k=3 d_expert=512.
 
     Those numbers hold for SwiGLU experts (3 matmuls), the setting of arXiv 2411.16205.
     """
@@ -84,7 +84,7 @@ def test_mhmoe_worked_examples_from_reference():
 
 
 def test_mhmoe_gelu_rule_d_mhmoe_equals_d_moe_minus_d_over_k():
-    # reference.md's rule for two-matmul experts: d_mhmoe = (d_moe - d) / k
+    # the paper's rule for two-matmul experts: d_mhmoe = (d_moe - d) / k
     cfgs = mhmoe_matched(768, 2048, num_experts=8, top_k=1, heads=2, mh_top_k=2, activation="gelu")
     assert cfgs["mhmoe"].hidden == (2048 - 768) // 2 == 640
     assert ffn_cost(cfgs["mhmoe"], 768).core_flops == ffn_cost(cfgs["smoe"], 768).core_flops
