@@ -166,7 +166,7 @@ class Encoder(nn.Module):
         return every MoE layer's routing statistics (on the device: reading them is up to the caller)."""
         aux = x.new_zeros((), dtype=torch.float32)
         all_stats: dict[str, RoutingStats] = {}
-        _tokens_dynamic(x, mask, padding_mask)
+        mark_tokens_dynamic(x, mask, padding_mask)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x, block_aux, block_stats = checkpoint(block, x, split, mask, padding_mask, None, stats, use_reentrant=False)
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
         return EncoderOutput(self.norm(x, split), aux, all_stats, split)
 
 
-def _tokens_dynamic(x: Tensor, mask: Tensor | None, padding_mask: Tensor | None) -> None:
+def mark_tokens_dynamic(x: Tensor, mask: Tensor | None, padding_mask: Tensor | None) -> None:
     """Mark the token dimensions symbolic for compiled blocks (text lengths vary from batch to batch), so their first
     graph already serves every length; the batch dimension becomes symbolic only if it changes. No effect eagerly."""
     torch._dynamo.maybe_mark_dynamic(x, 1)
