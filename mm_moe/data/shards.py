@@ -23,7 +23,7 @@ from braceexpand import braceexpand
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.constants import IGNORE_INDEX
-from mm_moe.data.common import pad
+from mm_moe.data.common import pad, to_rgb
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.skips import SampleError, SkipCounter
 from mm_moe.data.transforms import eval_transform, seed_of, seeded, train_transform
@@ -99,7 +99,7 @@ class PretrainSample:
         ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.max_text_len)["input_ids"]
         inputs, labels = mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
                                    vocab_size=len(self.tokenizer), rng=rng, prob=self.data.mlm_prob)
-        image = seeded(self.transform, image.convert("RGB"), self.seed, shard, key)
+        image = seeded(self.transform, to_rgb(image), self.seed, shard, key)
         return {"key": key, "image": image, "text_ids": ids, "masked_ids": inputs, "mlm_labels": labels,
                 "patch_mask": self.masking(rng)}
 
