@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-gpu lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	# test-only peer (its pins, timm==0.6.13, would clash with ours): torchscale's BEiT3 is the reference forward
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation fairscale==0.4.0 torchscale==0.3.0
 	touch $(STAMP)

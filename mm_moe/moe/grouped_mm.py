@@ -13,6 +13,7 @@ one mm per expert, which reads the group sizes back to the host.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,13 +24,23 @@ from torch.utils.flop_counter import register_flop_formula
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs for this device and dtype (rows are padded to its alignment as needed)."""
-    if not hasattr(torch, "_grouped_mm"):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-    return False
+    return _grouped_mm_runs(device.type, dtype)
+
+
+@functools.cache
+def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """One tiny torch._grouped_mm call, once per (device type, dtype): which devices and dtypes it takes has grown
+    from release to release (CUDA bf16 first, the CPU later), so the installed torch is asked rather than assumed."""
+    if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
+        return False
+    a = torch.zeros(8, 8, device=device_type, dtype=dtype)
+    try:
+        torch._grouped_mm(a, a.new_zeros(1, 8, 8), offs=torch.tensor([8], device=device_type, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _aligned(n: int, dtype: torch.dtype) -> int:
