@@ -6,6 +6,8 @@ file with pycocoevalcap's scorers (PTB tokenisation; BLEU-1..4, METEOR, ROUGE-L,
 
 The results file is the [{"image_id", "caption"}] list the COCO and nocaps servers accept. As the official
 COCOEvalCap, scoring covers the images of the results file; the split's count is printed beside it.
+Under torchrun (`torchrun --nproc_per_node N eval_caption.py --ckpt ...`) every process predicts its slice of the
+split and the first writes and scores them all: the same file and scores as one process.
 """
 
 from __future__ import annotations
@@ -41,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mm_moe.errors import run_reporting
 
-    return run_reporting("eval_caption.py", lambda: print(json.dumps(run(args), indent=2)))
+    def report() -> None:
+        scores = run(args)
+        if scores is not None:  # None: a rank other than the first under torchrun
+            print(json.dumps(scores, indent=2))
+
+    return run_reporting("eval_caption.py", report)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Caption (--ckpt) and score: {"images_scored", "images_in_split", BLEU-1..4, METEOR, ROUGE-L, CIDEr}."""
+def run(args: argparse.Namespace) -> dict | None:
+    """Caption (--ckpt) and score: {"images_scored", "images_in_split", BLEU-1..4, METEOR, ROUGE-L, CIDEr}; None on
+    the ranks other than the first under torchrun (each captions its slice, the first scores them all)."""
     import tempfile
 
     from mm_moe.data import read_karpathy, write_coco_gt
@@ -54,17 +62,20 @@ def run(args: argparse.Namespace) -> dict:
     images = read_karpathy(args.karpathy, (args.split,))
     if args.ckpt:
         from mm_moe.data import CaptionDataset
-        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.engine import distributed_session, resolve_checkpoint
         from mm_moe.eval import caption_predictions
         from mm_moe.inference import Captioner
         from mm_moe.model import BeamConfig
 
-        p = Captioner.from_pretrained(args.ckpt, verify=args.verify)
-        cfg = p.cfg
-        ds = CaptionDataset(args.karpathy, args.images, p.tokenizer, p.transform, splits=(args.split,),
-                            per_image=True, max_text_len=cfg.model.max_text_len)
-        beam = BeamConfig(beam_size=args.beam, max_len=cfg.model.max_text_len - 2)
-        results = caption_predictions(p.model, ds, p.tokenizer, beam, args.batch_size, p.device)
+        with distributed_session() as info:  # under torchrun each rank captions its slice of the images
+            p = Captioner.from_pretrained(args.ckpt, info.device, verify=args.verify)
+            cfg = p.cfg
+            ds = CaptionDataset(args.karpathy, args.images, p.tokenizer, p.transform, splits=(args.split,),
+                                per_image=True, max_text_len=cfg.model.max_text_len)
+            beam = BeamConfig(beam_size=args.beam, max_len=cfg.model.max_text_len - 2)
+            results = caption_predictions(p.model, ds, p.tokenizer, beam, args.batch_size, p.device)
+        if not info.is_main:
+            return None
         out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"caption_results_{args.split}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} captions to {out}")

@@ -6,6 +6,8 @@
 
 Predictions are written as the official CSV (`identifier,True|False` per line) and scored against the labels
 of --data (dev, test-P).
+Under torchrun (`torchrun --nproc_per_node N eval_nlvr2.py --ckpt ...`) every process predicts its slice of the
+split and the first writes and scores them all: the same file and scores as one process.
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ def run(args: argparse.Namespace) -> None:
     rows = read_nlvr2(args.data)
     if args.ckpt:
         from mm_moe.data import NLVR2Dataset
-        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.engine import distributed_session, resolve_checkpoint
         from mm_moe.eval import nlvr2_predictions
         from mm_moe.inference import NLVR2Predictor
 
-        p = NLVR2Predictor.from_pretrained(args.ckpt, verify=args.verify)
-        ds = NLVR2Dataset(args.data, args.images, p.tokenizer, p.transform, p.cfg.model.max_text_len)
-        predictions = nlvr2_predictions(p.model, ds, args.batch_size, p.device)
+        with distributed_session() as info:  # under torchrun each rank judges its slice of the statements
+            p = NLVR2Predictor.from_pretrained(args.ckpt, info.device, verify=args.verify)
+            ds = NLVR2Dataset(args.data, args.images, p.tokenizer, p.transform, p.cfg.model.max_text_len)
+            predictions = nlvr2_predictions(p.model, ds, args.batch_size, p.device)
+        if not info.is_main:
+            return
         out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"nlvr2_predictions_{args.data.stem}.csv"
         write_predictions(out, predictions)
         print(f"wrote {len(predictions)} predictions to {out}")

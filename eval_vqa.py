@@ -6,6 +6,8 @@
 Predictions are written in the test-dev submission format, [{"question_id", "answer"}] for every question;
 with --annotations the file is scored (overall, per answer type, per question type) as the current official
 vqaEval.py (2021-03-11) does, or as its 2017 revision with --legacy-2017.
+Under torchrun (`torchrun --nproc_per_node N eval_vqa.py --ckpt ...`) every process predicts its slice of the
+split and the first writes and scores them all: the same file and scores as one process.
 """
 
 from __future__ import annotations
@@ -47,13 +49,16 @@ def run(args: argparse.Namespace) -> None:
 
     if args.ckpt:
         from mm_moe.data import VQADataset
-        from mm_moe.engine import resolve_checkpoint
+        from mm_moe.engine import distributed_session, resolve_checkpoint
         from mm_moe.eval import vqa_predictions
         from mm_moe.inference import VQAPredictor
 
-        p = VQAPredictor.from_pretrained(args.ckpt, verify=args.verify)
-        ds = VQADataset(args.questions, args.images, p.tokenizer, p.transform, max_text_len=p.cfg.model.max_text_len)
-        results = vqa_predictions(p.model, ds, p.answers, args.batch_size, p.device)
+        with distributed_session() as info:  # under torchrun each rank answers its slice of the questions
+            p = VQAPredictor.from_pretrained(args.ckpt, info.device, verify=args.verify)
+            ds = VQADataset(args.questions, args.images, p.tokenizer, p.transform, max_text_len=p.cfg.model.max_text_len)
+            results = vqa_predictions(p.model, ds, p.answers, args.batch_size, p.device)
+        if not info.is_main:
+            return
         out = args.out or resolve_checkpoint(args.ckpt, args.verify) / f"vqa_results_{args.questions.stem}.json"
         out.write_text(json.dumps(results))
         print(f"wrote {len(results)} answers to {out}")

@@ -215,6 +215,9 @@ class TrainConfig:
     """Steps between metrics.jsonl records."""
     ckpt_every: PosInt = 500
     """Steps between checkpoints (the last step is always saved)."""
+    export_every: PosInt | None = None
+    """Steps between checkpoints that also hold the full model.safetensors, gathered to rank 0 while training waits
+    (None: every checkpoint; the last step's always does). `mm-moe-export` writes it for any other checkpoint."""
     eval_every: PosInt | None = None
     """Steps between validations of a fine-tuning task with validation data (the last step is always validated);
     the best score's weights are kept in run_dir/best/."""

@@ -384,3 +384,53 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_exits_zero(runs, tmp_p
     full = tmp_path / f"full{nproc}"
     train_cli([*args, f"run_dir={full}"], nproc)
     assert [(r["step"], r["loss"]) for r in records(run)] == [(r["step"], r["loss"]) for r in records(full)]
+
+
+EVAL_COMMANDS = {  # task -> (command, arguments on the synthetic world, the file it writes)
+    "vqa": ("eval_vqa.py", ["--questions", "vqa/v2_OpenEnded_mscoco_val2014_questions.json", "--images", "vqa/images",
+                            "--annotations", "vqa/v2_mscoco_val2014_annotations.json"], "answers.json"),
+    "nlvr2": ("eval_nlvr2.py", ["--data", "nlvr2/dev.json", "--images", "nlvr2/images"], "predictions.csv"),
+    "caption": ("eval_caption.py", ["--karpathy", "coco/dataset_coco.json", "--split", "val", "--images", "vqa/images",
+                                    "--beam", "2"], "captions.json"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(EVAL_COMMANDS))
+def test_eval_commands_under_torchrun_write_and_score_what_one_process_does(runs, tmp_path, task):
+    """Each of 3 processes predicts its slice (10 VQA questions: 4 + 4 + 2 and padding; 2 caption images: the third
+    rank has only padding, yet decodes in step), the first writes and scores: the same file, byte for byte, and the
+    same scores as one process."""
+    command, args, name = EVAL_COMMANDS[task]
+    args = [str(runs.world / a) if "/" in a else a for a in args]
+    outputs = {}
+    for nproc in (1, 3):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        out = tmp_path / f"{nproc}-{name}"
+        res = subprocess.run([*launcher, str(ROOT / command), "--ckpt", str(runs.trained(task, "ddp")), *args,
+                              "--batch-size", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        scores = res.stdout[res.stdout.index("{\n"):]  # pycocoevalcap prints before it
+        outputs[nproc] = out.read_bytes(), json.loads(scores[:scores.index("\n}") + 2])
+    assert outputs[3] == outputs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "mode"), [("vqa", "fsdp2"), ("pretrain", "ddp+ep")])
+def test_mm_moe_export_rebuilds_the_weights_of_sharded_checkpoints(runs, tmp_path, task, mode):
+    """mm-moe-export in one process, from the dcp/ shards that 2 FSDP2 ranks (or 2 expert-parallel ranks, each with
+    half the experts) wrote: bit for bit the model.safetensors the run gathered at that step, in a folder the
+    predictors read."""
+    step = runs.trained(task, mode) / "step-00000002"
+    out = tmp_path / "export"
+    res = subprocess.run([sys.executable, "-m", "mm_moe.export", str(step), str(out)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = weights(out), weights(step)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if task == "vqa":
+        from mm_moe.inference import VQAPredictor
+
+        assert VQAPredictor.from_pretrained(out).answers == json.loads((step.parent / "answers.json").read_text())

@@ -23,6 +23,7 @@ from mm_moe.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_weights,
+    resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -150,6 +151,7 @@ def test_killed_run_resumes_exactly(tmp_path, world):
     subprocess.run([*args, f"run_dir={full}"], check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
+    args.append("train.export_every=4")  # a full model.safetensors at steps 4, 8 and 10 only
     proc = subprocess.Popen([*args, f"run_dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "step-00000004").is_dir() and time.time() < deadline and proc.poll() is None:
@@ -171,6 +173,24 @@ def test_killed_run_resumes_exactly(tmp_path, world):
 
     a, b = (load_file(run / "step-00000010" / "model.safetensors") for run in (killed, full))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # final (EMA) weights, bit for bit
+    # train.export_every=4 (the killed run's): model.safetensors at steps 4, 8 and the last; a reader pointed at the
+    # run takes the newest exported checkpoint, at one without it is told how to export it; mm-moe-export writes
+    # from dcp/ the very weights the uninterrupted run exported at that step
+    assert [(c.name, (c / "model.safetensors").is_file()) for c in list_checkpoints(killed)] == \
+        [("step-00000006", False), ("step-00000008", True), ("step-00000010", True)]
+    assert resolve_checkpoint(killed).name == "step-00000010"
+    with pytest.raises(CheckpointError, match=r"without model\.safetensors .* mm-moe-export"):
+        resolve_checkpoint(killed / "step-00000006")
+    out = tmp_path / "exported"
+    res = subprocess.run([sys.executable, "-m", "mm_moe.export", str(killed / "step-00000006"), str(out)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(out / "model.safetensors"), load_file(full / "step-00000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert verify_checkpoint(out) == [] and {p.name for p in out.iterdir()} >= {"config.yaml", "tokenizer"}
+    res = subprocess.run([sys.executable, "-m", "mm_moe.export", str(killed / "step-00000006"), str(out)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "exists and is not an empty folder" in res.stderr
 
 
 _FAULTS_SCRIPT = """

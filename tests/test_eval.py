@@ -15,7 +15,7 @@ from mm_moe.config import BEiT3Config
 from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.errors import InputError
-from mm_moe.eval import nlvr2_metrics, read_predictions, score_captions, write_predictions
+from mm_moe.eval import nlvr2_metrics, read_predictions, score_captions, shard_indices, write_predictions
 from mm_moe.model import BeamConfig, BEiT3ForCaptioning, CaptionDecoder
 
 
@@ -124,3 +124,13 @@ def test_nlvr2_accuracy_and_consistency_as_the_official_script(tmp_path):
     (tmp_path / "bad.csv").write_text("dev-1-0-0,True\ndev-1-1-0,maybe\n")
     with pytest.raises(InputError, match=re.escape("bad.csv:2: expected 'identifier,True|False', got 'dev-1-1-0,maybe'")):
         read_predictions(tmp_path / "bad.csv")
+
+
+def test_shard_indices_cover_the_split_once_in_order_with_equal_slices():
+    """Validation under torchrun: the ranks' own items, concatenated in rank order, are the split in order; every
+    rank gets ceil(n / world) items (padding repeats the last item), so all run the same batches."""
+    for n, world in itertools.product(range(1, 14), range(1, 6)):
+        slices = [shard_indices(n, rank, world) for rank in range(world)]
+        assert [i for idx, own in slices for i in idx[:own]] == list(range(n)), (n, world)
+        assert {len(idx) for idx, _ in slices} == {-(-n // world)}
+        assert all(set(idx[own:]) <= {n - 1} for idx, own in slices)

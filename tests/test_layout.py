@@ -30,6 +30,7 @@ ALLOWED = {
     "engine": BASE | {"moe", "model", "eval", "data"},
     "inference": BASE | {"moe", "model", "eval", "data", "engine"},
     "analysis": BASE | {"moe", "model", "eval", "data", "engine", "inference"},
+    "export": BASE | {"moe", "model", "data", "engine"},
 }
 
 

@@ -237,9 +237,10 @@ def _files(folder: Path) -> list[Path]:
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: dict, *,
                     optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None,
                     trainer_state: dict[str, Any] | None = None, keep_last: int | None = None,
-                    name: str | None = None) -> Path:
+                    name: str | None = None, export: bool = True) -> Path:
     """Write run_dir/step-XXXXXXXX/ (or run_dir/`name`/) atomically (collective: every rank calls it); prune the
-    step-* checkpoints to the `keep_last` newest."""
+    step-* checkpoints to the `keep_last` newest. Without `export` a training checkpoint holds no
+    model.safetensors (no gather to rank 0); `mm-moe-export` writes it from dcp/ later."""
     rank, world = _rank_world()
     run_dir = Path(run_dir)
     name = name or f"step-{step:08d}"
@@ -254,10 +255,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
             state, _ = _sharded_state(model, optimizer, ema)
             with _one_process_ok():
                 dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
-        weights = full_state_dict(model)
+        weights = full_state_dict(model) if export or optimizer is None else None
         torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
         if rank == 0:
-            save_file(weights, str(tmp / "model.safetensors"))
+            if weights is not None:
+                save_file(weights, str(tmp / "model.safetensors"))
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             if trainer_state is not None:
                 torch.save({**trainer_state, "world_size": world}, tmp / "trainer.pt")
@@ -371,6 +373,19 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.opt
     return _load_pt(ckpt / "trainer.pt")
 
 
+def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
+    """The model weights of a training checkpoint's dcp/ into a whole model in one process, whatever world size and
+    sharding saved them (the DCP reader reassembles FSDP2 and expert-parallel shards)."""
+    state = {"model": model.state_dict()}
+    try:
+        with _one_process_ok():
+            dcp.load(state, storage_reader=SafeReader(Path(ckpt) / "dcp"), planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"{Path(ckpt) / 'dcp'}: cannot be loaded into this model ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
+    model.load_state_dict(state["model"])
+
+
 def _load_pt(path: Path) -> Any:
     """A torch.save'd file of plain data (weights_only: no code runs); CheckpointError naming it otherwise."""
     try:
@@ -398,12 +413,18 @@ _verified: set[tuple[Path, int, bool]] = set()
 
 
 def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory, checked against its manifest: file sizes
-    always, sha256 sums unless `verify` is False (for huge files; --no-verify in the CLIs). Checked once per process."""
+    """A checkpoint directory with model.safetensors, or the latest such checkpoint of a run directory, checked
+    against its manifest: file sizes always, sha256 sums unless `verify` is False (for huge files; --no-verify in the
+    CLIs). Checked once per process."""
     path = Path(path)
-    ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path)
+    if (path / "dcp").is_dir() and not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path}: a training checkpoint without model.safetensors (train.export_every); "
+                              f"write it with: mm-moe-export {path} OUT")
+    exported = [c for c in list_checkpoints(path) if (c / "model.safetensors").is_file()]
+    ckpt = path if (path / "model.safetensors").is_file() else (exported[-1] if exported else None)
     if ckpt is None:
-        raise CheckpointError(f"{path}: neither a checkpoint (no model.safetensors) nor a run with step-* checkpoints")
+        raise CheckpointError(f"{path}: neither a checkpoint (no model.safetensors) nor a run with exported step-* "
+                              "checkpoints")
     manifest = ckpt / MANIFEST
     key = (ckpt.resolve(), manifest.stat().st_mtime_ns if manifest.is_file() else 0, verify)
     if key not in _verified:
@@ -427,6 +448,6 @@ def load_run_config(ckpt: str | Path, verify: bool = True) -> RunConfig:
     return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "write_manifest", "verify_checkpoint", "load_training_state", "full_state_dict",
-           "tied_duplicates", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "load_weights",
-           "load_run_config", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "save_checkpoint", "write_manifest", "verify_checkpoint", "load_training_state",
+           "load_model_state", "full_state_dict", "tied_duplicates", "list_checkpoints", "latest_checkpoint",
+           "resolve_checkpoint", "load_weights", "load_run_config", "rng_state", "set_rng_state"]

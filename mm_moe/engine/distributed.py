@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,25 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
+
+
+def from_main(value: Any) -> Any:
+    """The main process's `value` on every rank (through the CPU control group); `value` itself without
+    torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+@contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
+    """init_distributed for a command (torchrun or a plain process), and its end on the way out."""
+    try:
+        yield init_distributed(device)
+    finally:
+        finish_distributed()
 
 
 def finish_distributed() -> None:
@@ -168,5 +188,5 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-__all__ = ["DistInfo", "init_distributed", "finish_distributed", "any_rank", "wrap_model", "clip_grad_norm", "reduce_mean",
-           "gradient_sync"]
+__all__ = ["DistInfo", "init_distributed", "finish_distributed", "distributed_session", "any_rank", "from_main",
+           "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]

@@ -20,9 +20,9 @@ from mm_moe.errors import InputError
 MARKER = "mm_moe_run.json"
 """Written into every run folder when a run starts there."""
 
-RESUMABLE = ("run_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.eval_every", "train.keep_last",
-             "train.tensorboard", "train.compile", "train.compile_backend", "train.dist_timeout_s", "train.distributed",
-             "train.expert_parallel", "train.num_workers")
+RESUMABLE = ("run_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.export_every", "train.eval_every",
+             "train.keep_last", "train.tensorboard", "train.compile", "train.compile_backend", "train.dist_timeout_s",
+             "train.distributed", "train.expert_parallel", "train.num_workers")
 """Config keys a resumed run may change: how long it runs, how it logs and saves, how it is executed (checkpoints
 reshard to any process count and wrapping). Any other change (model, data, optimizer, batch, seed) would not
 continue the same run."""

@@ -38,7 +38,7 @@ from mm_moe.engine.checkpoint import (
     verify_checkpoint,
 )
 from mm_moe.engine.compile import compile_blocks, compiled_graphs
-from mm_moe.engine.distributed import DistInfo, any_rank, clip_grad_norm, gradient_sync, reduce_mean, wrap_model
+from mm_moe.engine.distributed import DistInfo, any_rank, clip_grad_norm, from_main, gradient_sync, reduce_mean, wrap_model
 from mm_moe.engine.metrics import MetricsLogger, plot_curves
 from mm_moe.engine.optim import build_optimizer, build_schedule
 from mm_moe.engine.run_dir import mark_run
@@ -55,8 +55,11 @@ log = logging.getLogger(__name__)
 class Evaluation(NamedTuple):
     """A task's validation."""
 
-    evaluate: Callable[[nn.Module, Path | None], dict[str, float]]
-    """Scores of the bare model (writing its predictions into the folder, if given)."""
+    predict: Callable[[nn.Module], Any]
+    """The bare model's predictions on the validation split. Every rank calls it; each predicts its own slice,
+    and all get every prediction (`mm_moe.eval` loops)."""
+    score: Callable[[Any, Path | None], dict[str, float]]
+    """Scores of those predictions (writing them into the folder, if given); only the main process calls it."""
     metric: str
     """The score (higher is better) that picks run_dir/best/."""
 
@@ -157,8 +160,10 @@ class Trainer:
         """Checkpoint the run at this step (every rank takes part: each writes its shards)."""
         state = {"schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
                  "batches_done": self.batches_done, "best": self.best}
+        t = self.cfg.train
+        export = t.export_every is None or self.step % t.export_every == 0 or self.step == t.steps
         save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
-                        trainer_state=state, keep_last=self.cfg.train.keep_last)
+                        trainer_state=state, keep_last=t.keep_last, export=export)
 
     def resume(self) -> Path | None:
         """Continue from the run's newest sound checkpoint; a damaged one (against its manifest) is named,
@@ -194,8 +199,9 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Score the model (the EMA weights when EMA is on) on the task's validation data, log the scores, and
-        keep run_dir/best/ when task.evaluation.metric improves. Every rank takes part (expert-parallel and FSDP2
-        forwards need all of them) and scores the whole set; the main process writes the files."""
+        keep run_dir/best/ when task.evaluation.metric improves. Every rank predicts its slice of the split (their
+        FSDP2 and expert-parallel forwards in step); the main process scores and writes the files, and every rank
+        gets its scores."""
         model = self.ema.module if self.ema is not None else self.raw
         root = self.model if hasattr(self.model, "unshard") else None  # FSDP2: gather the root's own parameters
         if root is not None:
@@ -203,11 +209,12 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad():
-                self.scores = self.task.evaluation.evaluate(model, self.run_dir if self.info.is_main else None)
+                predictions = self.task.evaluation.predict(model)
         finally:
             model.train()
             if root is not None:
                 root.reshard()
+        self.scores = from_main(self.task.evaluation.score(predictions, self.run_dir) if self.info.is_main else None)
         self.metrics.log({"step": self.step, **self.scores})
         metric = self.task.evaluation.metric
         value = self.scores[metric]

@@ -3,6 +3,7 @@ beam search and the COCO caption scorers on data.caption_val_split."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from mm_moe.data.masking import mask_caption
 from mm_moe.data.transforms import eval_transform, train_transform
 from mm_moe.engine.tasks.common import encoder_tokens, finetune_loader, model_device
 from mm_moe.engine.trainer import Evaluation, Task
-from mm_moe.eval import evaluate_captions
+from mm_moe.eval import caption_predictions, score_captions
 from mm_moe.model import BeamConfig, BEiT3ForCaptioning, TaskOutput
 
 
@@ -29,15 +30,18 @@ def evaluation(cfg: RunConfig, tokenizer: Any) -> Evaluation | None:
                         max_text_len=m.max_text_len)
     beam = BeamConfig(beam_size=d.caption_beam, max_len=m.max_text_len - 2)
 
-    def evaluate(model: nn.Module, out: Path | None) -> dict[str, float]:
+    def predict(model: nn.Module) -> list[dict]:
+        return caption_predictions(model, ds, tokenizer, beam, cfg.train.batch_size, model_device(model))
+
+    def score(results: list[dict], out: Path | None) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = out or Path(tmp)
             gt = write_coco_gt(d.karpathy, split, folder / f"caption_{split}_gt.json")
-            scores = evaluate_captions(model, ds, tokenizer, gt, folder / f"caption_{split}_results.json", beam,
-                                       cfg.train.batch_size, model_device(model), use_meteor=d.caption_val_meteor)
+            (folder / f"caption_{split}_results.json").write_text(json.dumps(results))
+            scores = score_captions(gt, results, use_meteor=d.caption_val_meteor)
         return {f"caption_{split}_{k}": v for k, v in scores.items()}
 
-    return Evaluation(evaluate, f"caption_{split}_CIDEr")
+    return Evaluation(predict, score, f"caption_{split}_CIDEr")
 
 
 def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:

@@ -24,14 +24,16 @@ def evaluation(cfg: RunConfig, tokenizer: Any) -> Evaluation | None:
         return None
     ds = NLVR2Dataset(d.nlvr2_dev, d.nlvr2_images, tokenizer, eval_transform(m.img_size), m.max_text_len)
 
-    def evaluate(model: nn.Module, out: Path | None) -> dict[str, float]:
-        preds = nlvr2_predictions(model, ds, cfg.train.batch_size, model_device(model))
+    def predict(model: nn.Module) -> dict[str, bool]:
+        return nlvr2_predictions(model, ds, cfg.train.batch_size, model_device(model))
+
+    def score(preds: dict[str, bool], out: Path | None) -> dict[str, float]:
         if out is not None:
             write_predictions(out / "nlvr2_dev_predictions.csv", preds)
         metrics = nlvr2_metrics(ds.rows, preds)
         return {"nlvr2_dev_accuracy": metrics["accuracy"], "nlvr2_dev_consistency": metrics["consistency"]}
 
-    return Evaluation(evaluate, "nlvr2_dev_accuracy")
+    return Evaluation(predict, score, "nlvr2_dev_accuracy")
 
 
 def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:

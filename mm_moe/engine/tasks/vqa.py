@@ -39,15 +39,17 @@ def evaluation(cfg: RunConfig, tokenizer: Any, answers: list[str]) -> Evaluation
     ds = VQADataset(d.vqa_val_questions, d.vqa_images, tokenizer, eval_transform(m.img_size), max_text_len=m.max_text_len)
     check_annotations(d.vqa_val_annotations, ds.questions, "data.vqa_val_annotations")
 
-    def evaluate(model: nn.Module, out: Path | None) -> dict[str, float]:
-        results = vqa_predictions(model, ds, answers, cfg.train.batch_size, model_device(model))
+    def predict(model: nn.Module) -> list[dict]:
+        return vqa_predictions(model, ds, answers, cfg.train.batch_size, model_device(model))
+
+    def score(results: list[dict], out: Path | None) -> dict[str, float]:
         if out is not None:
             (out / "vqa_val_results.json").write_text(json.dumps(results))
         report = evaluate_vqa(results, d.vqa_val_annotations, d.vqa_val_questions)
         return {"vqa_val_accuracy": report["overall"],
                 **{f"vqa_val_{k.replace('/', '_')}": v for k, v in report["per_answer_type"].items()}}
 
-    return Evaluation(evaluate, "vqa_val_accuracy")
+    return Evaluation(predict, score, "vqa_val_accuracy")
 
 
 def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
