@@ -1,5 +1,8 @@
-"""Pretraining pipeline throughput (decode + transform + tokenise/MLM mask + block mask): samples/s with 0, 1, 2
-DataLoader workers, measured in one run over the same shards (written first, from the synthetic world).
+"""Pretraining pipeline throughput (read + decode + transform + tokenise/MLM mask + block mask): samples/s with 0,
+1, 2 DataLoader workers, for both readers of local shards, measured in one run over the same shards (written first,
+from the synthetic world): "streamed" (webdataset: each reader its own shards, a shuffle buffer) and "by position"
+(the global stream of `mm_moe.data.stream`: samples by offset, the same batches at any world size). The one-off
+indexing of the shards is timed apart.
 
     python benchmarks/bench_data.py                     # 224px images, 3000 image-caption pairs
     python benchmarks/bench_data.py --img-size 64 --pairs 1500
@@ -14,17 +17,25 @@ from pathlib import Path
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.data import load_tokenizer, pretrain_loader, write_world
+from mm_moe.data.stream import IndexedEpoch, RankBatches, ShardIndex
 
 
-def measure(urls: list[str], model: BEiT3Config, workers: int, batch_size: int) -> tuple[float, int]:
-    tok = load_tokenizer()
-    loader = pretrain_loader(urls, tok, PretrainDataConfig(), model, batch_size, num_workers=workers)
+def measure(loader, warm: int = 1) -> float:
+    """Samples per second of a loader, after its first `warm` batches (worker start-up is not throughput)."""
     n, start = 0, None
     for i, batch in enumerate(loader):
-        if i == 1:  # start after the first batch: worker start-up is not throughput
+        if i == warm:
             start, n = time.perf_counter(), 0
         n += len(batch["keys"])
-    return n / (time.perf_counter() - start), n
+    return n / (time.perf_counter() - start)
+
+
+def loaders(urls: list[str], model: BEiT3Config, workers: int, batch_size: int, index: ShardIndex) -> dict:
+    """Both readers over the same shards: the streamed pipeline and the global stream (one process)."""
+    tok, data = load_tokenizer(), PretrainDataConfig()
+    epoch = RankBatches(index, tok, data, model, batch_size=batch_size, seed=0, epoch=0, rank=0, world=1, accum=1)
+    return {"streamed": pretrain_loader(urls, tok, data, model, batch_size, num_workers=workers),
+            "by position": IndexedEpoch(epoch, workers)}
 
 
 def main() -> None:
@@ -39,14 +50,16 @@ def main() -> None:
                     size=args.img_size, shard_count=max(1, args.pairs // 8))
         urls = [str(u) for u in sorted(Path(tmp, "shards").glob("*.tar"))]
         cfg = BEiT3Config(img_size=args.img_size, patch_size=16 if args.img_size >= 128 else 8)
-        print(f"# pretraining pipeline, {args.img_size}px PNG, {len(urls)} shards, batch {args.batch_size}")
-        print("| workers | samples/s | vs 0 workers |\n|---|---|---|")
-        base = None
+        start = time.perf_counter()
+        index = ShardIndex(urls)
+        indexing = time.perf_counter() - start
+        print(f"# pretraining pipeline, {args.img_size}px PNG, {len(urls)} shards, batch {args.batch_size}; indexing "
+              f"the shards once: {indexing:.2f} s")
+        print("| workers | streamed samples/s | by position samples/s | by position vs streamed |\n|---|---|---|---|")
         for w in args.workers:
-            rate, _ = measure(urls, cfg, w, args.batch_size)
-            base = base or rate
-            print(f"| {w} | {rate:.0f} | {rate / base:.2f}x |", flush=True)
-
+            rates = {name: measure(loader) for name, loader in loaders(urls, cfg, w, args.batch_size, index).items()}
+            print(f"| {w} | {rates['streamed']:.0f} | {rates['by position']:.0f} | "
+                  f"{rates['by position'] / rates['streamed']:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -270,9 +270,10 @@ class PretrainDataConfig:
     min_block: PosInt = 16
     """Smallest masked block in patches (BEiT: 16 of 196)."""
     shuffle_buffer: NonNegInt = 1000
-    """Samples in the shuffle buffer."""
+    """Local shards: consecutive positions of the epoch's sample order permuted together; remote shards: samples in
+    webdataset's shuffle buffer."""
     epoch_batches: PosInt | None = None
-    """Resample shards, this many batches per epoch and rank (use under DDP)."""
+    """Remote (streamed) shards only: resample them, this many batches per epoch and rank."""
 
 
 @dataclass

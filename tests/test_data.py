@@ -14,8 +14,10 @@ import this
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig
@@ -23,6 +25,7 @@ from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
 from mm_moe.data.shards import pretrain_loader
+from mm_moe.data.stream import INDEX_DIR, IndexedEpoch, RankBatches, ShardIndex, index_shard, read_sample
 from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
 from mm_moe.data.transforms import eval_transform
@@ -339,3 +342,70 @@ def test_easy_vqa_conversion(tmp_path, tok):
     ds = VQADataset(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "images", tok,
                     eval_transform(64), tmp_path / "v2_mscoco_val2014_annotations.json", vocab)
     assert len(ds) == summary["val"]["questions"] and ds[0]["targets"].sum() == 1
+
+
+def _indexed(urls, tok, *, world=1, accum=1, workers=0, epoch=0, batch_size=2, buffer=7, rank_range=None):
+    """Every rank's micro-batches of one epoch of the global stream, listed by global micro-batch number."""
+    index = ShardIndex(urls)
+    model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
+    by_chunk = {}
+    for rank in rank_range or range(world):
+        ranks = RankBatches(index, tok, PretrainDataConfig(shuffle_buffer=buffer), model, batch_size=batch_size, seed=5,
+                            epoch=epoch, rank=rank, world=world, accum=accum)
+        for k, batch in enumerate(IndexedEpoch(ranks, workers)):
+            by_chunk[ranks.chunk(k)] = batch
+    return [by_chunk[c] for c in sorted(by_chunk)]
+
+
+def test_shard_index_reads_the_samples_webdataset_reads(world, tok):
+    out, _ = world
+    for url in sorted(str(p) for p in (out / "shards").glob("*.tar")):
+        ours = [read_sample(url, int(o), int(n)) for o, n in index_shard(url)]
+        theirs = list(wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil"))
+        assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs]
+        assert [s["txt"] for s in ours] == [s["txt"] for s in theirs]
+        assert all(np.array_equal(np.asarray(a["png"].convert("RGB")), np.asarray(b["png"])) for a, b in
+                   zip(ours, theirs, strict=True))
+
+
+def test_global_stream_is_the_same_at_any_world_size_worker_count_and_accumulation(world, tok):
+    """Step s's global batch (G = 8 samples, micro-batches of 2) is the same samples, in the same micro-batches,
+    with the same crops and masks, at 1 process x 4 accumulation steps, 2 x 2 with 2 DataLoader workers, and 4 x 1;
+    an epoch is one pass without repeats; another epoch is another order; starting at micro-batch k skips reading."""
+    out, _ = world
+    urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
+    one = _indexed(urls, tok, accum=4)
+    n = sum(int(v) for v in ShardIndex(urls).counts)
+    keys = [k for b in one for k in b["keys"]]
+    assert len(keys) == n // 8 * 8 and len(set(keys)) == len(keys)
+    for other in (_indexed(urls, tok, world=2, accum=2, workers=2), _indexed(urls, tok, world=4)):
+        assert len(other) == len(one)
+        for a, b in zip(one, other, strict=True):
+            assert a["keys"] == b["keys"]
+            for field in ("images", "masked_ids", "mlm_labels", "patch_mask"):
+                assert torch.equal(a[field], b[field]), field
+    assert [b["keys"] for b in _indexed(urls, tok, accum=4, epoch=1)] != [b["keys"] for b in one]
+    index = ShardIndex(urls)
+    ranks = RankBatches(index, tok, PretrainDataConfig(shuffle_buffer=7), BEiT3Config(img_size=32, patch_size=8,
+                        max_text_len=24), batch_size=2, seed=5, epoch=0, rank=1, world=2, accum=2)
+    tail = list(IndexedEpoch(ranks, 0).starting_at(3))
+    assert [b["keys"] for b in tail] == [b["keys"] for b in list(IndexedEpoch(ranks, 0))[3:]]
+
+
+def test_global_stream_skips_and_counts_broken_samples(world, tok, tmp_path):
+    """A corrupt image, a sample without caption and a tar cut short: skipped and counted, the rest read; the index
+    is cached beside the shards and reused."""
+    out, summary = world
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(out / "shards", shard_dir)
+    _add_broken_shard(shard_dir)
+    good_in_truncated, partial_ok = _add_truncated_shard(shard_dir, sorted((out / "shards").glob("*.tar"))[0])
+    urls = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
+    batches = _indexed(urls, tok, batch_size=1, buffer=1000)
+    indexed = sum(int(v) for v in ShardIndex(urls).counts)
+    assert len(list((shard_dir / INDEX_DIR).glob("*.npy"))) == len(urls)
+    read = sum(len(b.get("keys", [])) for b in batches)
+    skipped = sum(b["num_skipped"] for b in batches)
+    assert read + skipped == indexed
+    assert skipped == 2 + (not partial_ok)  # the corrupt image, the missing caption (+ a partial last sample)
+    assert read == summary["shards"]["pairs"] + 2 + good_in_truncated + partial_ok

@@ -434,3 +434,32 @@ def test_mm_moe_export_rebuilds_the_weights_of_sharded_checkpoints(runs, tmp_pat
         from mm_moe.inference import VQAPredictor
 
         assert VQAPredictor.from_pretrained(out).answers == json.loads((step.parent / "answers.json").read_text())
+
+
+@pytest.mark.slow
+def test_pretraining_resumed_on_another_number_of_processes_continues_the_same_batches(runs, tmp_path):
+    """The global stream: a global batch of 8 in micro-batches of 2 gives the same losses and gradient norms at
+    1 process x 4 accumulation steps and 2 x 2 from step 1, and a checkpoint of step 3 resumed 2 -> 1, 1 -> 2 and
+    2 -> 4 processes continues the uninterrupted run (to reduction order: the ranks' gradients are summed in
+    another order, as in the tests above)."""
+    args = [*runs.args("pretrain"), *TINY, "train.batch_size=2", "train.steps=6", "train.ckpt_every=3"]
+    accum = {1: 4, 2: 2, 4: 1}
+
+    def train(run: Path, nproc: int, *extra: str) -> list[dict]:
+        train_cli([*args, f"train.grad_accum={accum[nproc]}", f"run_dir={run}", *extra], nproc)
+        return records(run)
+
+    def same(got: list[dict], want: list[dict]) -> None:
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        for g, w in zip(got, want, strict=True):
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
+            assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    reference = train(two, 2)
+    same(train(one, 1), reference)
+    for source, nproc in ((two, 1), (one, 2), (two, 4)):
+        resumed = tmp_path / f"{source.name}-to-{nproc}"
+        shutil.copytree(source, resumed)
+        shutil.rmtree(resumed / "step-00000006")  # the run as it stood at its step-3 checkpoint
+        same(train(resumed, nproc, "--resume")[3:], reference[3:])

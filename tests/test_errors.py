@@ -23,6 +23,7 @@ from mm_moe.config import BEiT3Config, PretrainDataConfig, RunConfig
 from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.data.shards import SkipCounter, pretrain_loader, shard_urls
+from mm_moe.data.stream import IndexedEpoch, RankBatches, ShardIndex
 from mm_moe.engine import DistInfo, Task, Trainer
 from mm_moe.engine.checkpoint import save_checkpoint
 from mm_moe.engine.init_weights import init_encoder
@@ -70,10 +71,15 @@ def test_shards_that_are_not_tar_archives(tmp_path, capsys):
     assert "no shard is a tar archive" in line and "a.tar" in line
 
 
-def test_fewer_shards_than_readers_is_an_error_unless_resampled(tmp_path, capsys, world):
-    one = f"pretrain_data.shards={world}/shards/train-000000.tar"
+def test_fewer_streamed_shards_than_readers_is_an_error_unless_resampled(tmp_path, capsys, world):
+    """Remote shards are streamed, each reader its own: fewer shards than readers is an error. Local shards are read
+    by global position (any reader takes any sample), where resampling has no place."""
+    one = f"pretrain_data.shards=pipe:cat {world}/shards/train-000000.tar"
     line = error_of(train_mm.main, pretrain([one, "train.num_workers=2"], tmp_path / "r"), capsys)
     assert "1 shard(s) for 2 readers" in line and "pretrain_data.epoch_batches" in line
+    local = f"pretrain_data.shards={world}/shards/train-000000.tar"
+    line = error_of(train_mm.main, pretrain([local, "pretrain_data.epoch_batches=5"], tmp_path / "r"), capsys)
+    assert "pretrain_data.epoch_batches: only for remote (streamed) shards" in line
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -129,10 +135,18 @@ def test_skipped_samples_are_logged_with_shard_key_and_cause(tmp_path, caplog, m
         batches = list(pretrain_loader([str(shard)], load_tokenizer(), PretrainDataConfig(shuffle_buffer=1), model,
                                        batch_size=4))
     assert [b["keys"] for b in batches] == [["good"]] and batches[0]["num_skipped"] == 3
-    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    for key, field, cause in [("corrupt", "png", "UnidentifiedImageError"), ("badtext", "txt", "UnicodeDecodeError"),
-                              ("bomb", "png", "DecompressionBombError")]:
-        assert any(str(shard) in x and f"sample {key!r}, field {field!r}: {cause}" in x for x in lines), (key, lines)
+    streamed = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same shard read by global position
+        epoch = RankBatches(ShardIndex([str(shard)]), load_tokenizer(), PretrainDataConfig(shuffle_buffer=1), model,
+                            batch_size=4, seed=0, epoch=0, rank=0, world=1, accum=1)
+        indexed = list(IndexedEpoch(epoch, 0))
+    assert [b["keys"] for b in indexed] == [["good"]] and indexed[0]["num_skipped"] == 3
+    by_position = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    for lines in (streamed, by_position):
+        for key, field, cause in [("corrupt", "png", "UnidentifiedImageError"), ("badtext", "txt", "UnicodeDecodeError"),
+                                  ("bomb", "png", "DecompressionBombError")]:
+            assert any(str(shard) in x and f"sample {key!r}, field {field!r}: {cause}" in x for x in lines), (key, lines)
 
 
 def test_the_skip_log_is_rate_limited(caplog):

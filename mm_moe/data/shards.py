@@ -1,8 +1,10 @@
 """Pretraining data from webdataset shards of {key}.jpg|png, {key}.txt, {key}.json samples.
 
 shuffle -> decode -> torchvision v2 transform -> tokenise + MLM masking -> BEiT block masking -> batches.
-Each rank reads its own shards and each DataLoader worker its own share of them; with `epoch_batches` shards
-are resampled instead, and every epoch of every rank has that many batches.
+This module streams shards (the reader of remote ones, and of `first_batches`); local shards are read by global
+position (`mm_moe.data.stream`) with the same sample preparation and collation. Streamed, each rank reads its own
+shards and each DataLoader worker its own share of them; with `epoch_batches` shards are resampled instead, and
+every epoch of every rank has that many batches.
 A corrupt image, a sample without caption or a truncated tar is skipped, logged and counted: each batch
 carries `num_skipped`, the samples its worker skipped since its previous batch.
 """

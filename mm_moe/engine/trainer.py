@@ -71,7 +71,8 @@ class Task:
     model: nn.Module
     """The bare model: trained (through its distributed wrapper), saved and returned."""
     loader: Callable[[int], Iterable[dict]]
-    """Batches of one epoch, the same for the same epoch number."""
+    """Batches of one epoch, the same for the same epoch number; an epoch with `starting_at(k)` gives its batches
+    from the k-th on without reading the first k (the trainer's resume)."""
     loss_fn: Callable[..., TaskOutput]
     """loss_fn(model, batch, stats=False): forward of one batch through the (wrapped) model; the output's loss
     includes the MoE aux loss, and with stats=True its `stats` hold every MoE layer's routing statistics."""
@@ -159,7 +160,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the run at this step (every rank takes part: each writes its shards)."""
         state = {"schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
-                 "batches_done": self.batches_done, "best": self.best}
+                 "batches_done": self.batches_done, "grad_accum": self.cfg.train.grad_accum, "best": self.best}
         t = self.cfg.train
         export = t.export_every is None or self.step % t.export_every == 0 or self.step == t.steps
         save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
@@ -178,15 +179,25 @@ class Trainer:
             self.schedule.load_state_dict(state["schedule"])
             self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
             self.best = self._best_so_far(state.get("best"))
-            if state["world_size"] != self.info.world_size:
-                log.warning("%s was saved by %d processes, resumed by %d: weights and optimizer are resharded; "
-                            "each rank continues its own data stream from the saved position", ckpt,
-                            state["world_size"], self.info.world_size)
+            self._rescale_position(ckpt, state["world_size"], state.get("grad_accum", self.cfg.train.grad_accum))
             self.metrics.truncate_after(self.step)
             return ckpt
         if found:
             raise CheckpointError(f"{self.run_dir}: every checkpoint is damaged ({', '.join(p.name for p in found)})")
         return None
+
+    def _rescale_position(self, ckpt: Path, world: int, accum: int) -> None:
+        """After a resume by another number of processes or accumulation steps: the same number of steps into the
+        epoch, in this run's micro-batches per step (weights and optimizer are resharded by the checkpoint)."""
+        t = self.cfg.train
+        if (world, accum) == (self.info.world_size, t.grad_accum):
+            return
+        self.batches_done = self.batches_done // accum * t.grad_accum
+        same = world * accum == self.info.world_size * t.grad_accum
+        log.warning("%s was saved by %d process(es) x %d accumulation step(s), resumed by %d x %d: %s", ckpt, world,
+                    accum, self.info.world_size, t.grad_accum,
+                    "the global batch is unchanged; pretraining on local shards continues the same batches" if same
+                    else "the global batch changed size, so the data continues from the same step but in other batches")
 
     def _best_so_far(self, saved: float | None) -> float | None:
         """The best validation score of the run: a step's checkpoint is written before that step's validation, whose
@@ -230,10 +241,14 @@ class Trainer:
         in which no sample could be read is passed over, its skipped samples counted with the next batch."""
         pending = 0
         while True:
-            it = iter(self.task.loader(self.epoch))
+            epoch = self.task.loader(self.epoch)
             readable = self.batches_done > 0  # resumed inside an epoch that had batches
-            for _ in range(self.batches_done):  # fast-forward after a resume
-                next(it)
+            if hasattr(epoch, "starting_at"):  # skips without reading
+                it = iter(epoch.starting_at(self.batches_done))
+            else:
+                it = iter(epoch)
+                for _ in range(self.batches_done):  # fast-forward after a resume
+                    next(it)
             for batch in it:
                 self.batches_done += 1
                 if batch.keys() == {"num_skipped"}:

@@ -12,8 +12,10 @@ from torch import nn
 from mm_moe.config import ObjectivesConfig, RunConfig
 from mm_moe.data.common import epoch_seed
 from mm_moe.data.shards import pretrain_loader, shard_urls
+from mm_moe.data.stream import IndexedEpoch, RankBatches, ShardIndex, local_shards
 from mm_moe.engine.tasks.common import encoder_tokens
 from mm_moe.engine.trainer import Task
+from mm_moe.errors import ConfigError
 from mm_moe.model import BEiT3ForPretraining, TaskOutput
 from mm_moe.moe.stats import merge_stats
 
@@ -46,13 +48,28 @@ def pretrain_loss(weights: ObjectivesConfig) -> Callable[..., TaskOutput]:
 
 
 def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task:
-    """Pretraining model and loader; rank `rank` of `world` reads its own shards (or resamples them)."""
+    """Pretraining model and loader. Local shards are read by global position (`mm_moe.data.stream`): the same
+    batches at any world size, worker count and accumulation split. Remote ones (http, pipe:) are streamed, each
+    rank reading its own shards (or resampling them, `pretrain_data.epoch_batches`)."""
     d, t = cfg.pretrain_data, cfg.train
-    urls = shard_urls(d.shards, need=None if d.epoch_batches else world * max(1, t.num_workers))
+    urls = shard_urls(d.shards)
+    if local_shards(urls):
+        if d.epoch_batches is not None:
+            raise ConfigError("pretrain_data.epoch_batches: only for remote (streamed) shards; local shards are read "
+                              "by global position and an epoch is one pass over all their samples")
+        index = ShardIndex(urls)
 
-    def loader(epoch: int):
-        return pretrain_loader(urls, tokenizer, d, cfg.model, t.batch_size, num_workers=t.num_workers,
-                               seed=epoch_seed(t.seed, epoch), rank=rank, world=world)
+        def indexed(epoch: int) -> IndexedEpoch:
+            return IndexedEpoch(RankBatches(index, tokenizer, d, cfg.model, batch_size=t.batch_size, seed=t.seed,
+                                            epoch=epoch, rank=rank, world=world, accum=t.grad_accum), t.num_workers)
+
+        loader = indexed
+    else:
+        urls = shard_urls(d.shards, need=None if d.epoch_batches else world * max(1, t.num_workers))
+
+        def loader(epoch: int):
+            return pretrain_loader(urls, tokenizer, d, cfg.model, t.batch_size, num_workers=t.num_workers,
+                                   seed=epoch_seed(t.seed, epoch), rank=rank, world=world)
 
     return Task(model=BEiT3ForPretraining(cfg.model), loader=loader, loss_fn=pretrain_loss(cfg.objectives),
                 tokens=encoder_tokens(cfg.model.patch_size), source=f"pretrain_data.shards={d.shards}")
