@@ -215,6 +215,9 @@ class TrainConfig:
     """Steps between metrics.jsonl records."""
     ckpt_every: PosInt = 500
     """Steps between checkpoints (the last step is always saved)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (DCP async_save): the step loop waits only for the copy of the state to
+    host memory; the manifest and the folder's rename follow when the write completes."""
     export_every: PosInt | None = None
     """Steps between checkpoints that also hold the full model.safetensors, gathered to rank 0 while training waits
     (None: every checkpoint; the last step's always does). `mm-moe-export` writes it for any other checkpoint."""

@@ -273,3 +273,19 @@ def test_the_prepared_gpu_benchmark_runs_its_whole_flow_at_toy_sizes(tmp_path):
     for model in ("dense", "smoe"):
         for mode in ("eager", "compiled"):
             assert re.search(rf"^\| 2 \| {model} \| {mode} \| [\d.]+ \| [\d.]+x \|", report, re.M), f"{model} {mode}:\n{report}"
+
+
+def test_bench_checkpoint_times_sync_and_background_saves_and_bench_data_both_readers():
+    """One row per size with every time measured; the data benchmark compares the two readers at each worker
+    count."""
+    def run(*cmd: str) -> str:
+        return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    out = run("benchmarks/bench_checkpoint.py", "--sizes", "tiny", "--rounds", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| tiny |")).strip("|").split("|")
+    sync, no_export, background, written = (float(v) for v in row[2:6])
+    assert min(sync, no_export, background, written) > 0 and written >= background
+    out = run("benchmarks/bench_data.py", "--img-size", "32", "--pairs", "90", "--batch-size", "4", "--workers", "0")
+    assert "indexing the shards once" in out
+    rates = next(line for line in out.splitlines() if line.startswith("| 0 |")).strip("|").split("|")
+    assert float(rates[1]) > 0 and float(rates[2]) > 0

@@ -151,7 +151,9 @@ def test_killed_run_resumes_exactly(tmp_path, world):
     subprocess.run([*args, f"run_dir={full}"], check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    args.append("train.export_every=4")  # a full model.safetensors at steps 4, 8 and 10 only
+    # a full model.safetensors at steps 4, 8 and 10 only; checkpoints written in the background (killed during one,
+    # the run resumes from the last complete one)
+    args += ["train.export_every=4", "train.async_checkpoint=true"]
     proc = subprocess.Popen([*args, f"run_dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "step-00000004").is_dir() and time.time() < deadline and proc.poll() is None:

@@ -28,7 +28,9 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from mm_moe.config import RunConfig
 from mm_moe.config_files import from_dict
+from mm_moe.engine.distributed import checkpoint_group
 from mm_moe.errors import InputError
 from mm_moe.moe.parallel import expert_param_names
 
@@ -234,13 +237,40 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+@dataclass
+class PendingCheckpoint:
+    """A training checkpoint whose dcp/ shards are being written in the background (`save_checkpoint(background=
+    True)`): training goes on; `finish()` waits for the write, then writes the manifest and renames the folder (on
+    rank 0), as a synchronous save does. Until then the checkpoint is an ignored .tmp folder."""
+
+    future: Future
+    tmp: Path
+    final: Path
+    keep_last: int | None
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> Path:
+        try:
+            self.future.result()
+        except (Exception, CheckpointException) as err:
+            _raise_if_disk_full(err, self.tmp.parent, self.tmp)
+            raise
+        if _rank_world()[0] == 0:
+            _complete(self.tmp, self.final, self.keep_last)
+        return self.final
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: dict, *,
                     optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None,
                     trainer_state: dict[str, Any] | None = None, keep_last: int | None = None,
-                    name: str | None = None, export: bool = True) -> Path:
+                    name: str | None = None, export: bool = True, background: bool = False) -> Path | PendingCheckpoint:
     """Write run_dir/step-XXXXXXXX/ (or run_dir/`name`/) atomically (collective: every rank calls it); prune the
     step-* checkpoints to the `keep_last` newest. Without `export` a training checkpoint holds no
-    model.safetensors (no gather to rank 0); `mm-moe-export` writes it from dcp/ later."""
+    model.safetensors (no gather to rank 0); `mm-moe-export` writes it from dcp/ later. With `background` (a
+    training checkpoint) the model and optimizer state is copied to host memory and written by a thread (DCP's
+    async_save, over a gloo group of its own): returns a PendingCheckpoint to `finish()`."""
     rank, world = _rank_world()
     run_dir = Path(run_dir)
     name = name or f"step-{step:08d}"
@@ -250,11 +280,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    future = None
     try:
         if optimizer is not None:  # a training checkpoint; weights alone (best/) are all in model.safetensors
             state, _ = _sharded_state(model, optimizer, ema)
             with _one_process_ok():
-                dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
+                if background:
+                    future = dcp.async_save(state, checkpoint_id=tmp / "dcp", process_group=checkpoint_group(),
+                                            no_dist=not dist.is_initialized())
+                else:
+                    dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
         weights = full_state_dict(model) if export or optimizer is None else None
         torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
         if rank == 0:
@@ -264,26 +299,39 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, config: di
             if trainer_state is not None:
                 torch.save({**trainer_state, "world_size": world}, tmp / "trainer.pt")
     except (Exception, CheckpointException) as err:
-        if not _disk_full(err, run_dir):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        raise CheckpointError(f"{run_dir}: no space left on device while writing {name} "
-                              f"({_mb(shutil.disk_usage(run_dir).free)} free after removing the partial {tmp.name}); "
-                              f"{f'{previous.name} is intact' if previous else 'no earlier checkpoint'}: free space "
-                              "and resume with --resume") from err
+        _raise_if_disk_full(err, run_dir, tmp)
+        raise
+    if future is not None:
+        return PendingCheckpoint(future, tmp, final, keep_last)
     _barrier()
     if rank == 0:
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        if keep_last is not None:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
+        _complete(tmp, final, keep_last)
     _barrier()
     return final
+
+
+def _complete(tmp: Path, final: Path, keep_last: int | None) -> None:
+    """Rank 0, once every file is written: the manifest, the atomic rename, the pruning of old checkpoints."""
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if keep_last is not None:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            shutil.rmtree(old)
+
+
+def _raise_if_disk_full(err: BaseException, run_dir: Path, tmp: Path) -> None:
+    """A CheckpointError saying so (the partial folder removed) when `err` comes from a full disk."""
+    if not _disk_full(err, run_dir):
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(run_dir)
+    raise CheckpointError(f"{run_dir}: no space left on device while writing {tmp.name.removesuffix('.tmp')} "
+                          f"({_mb(shutil.disk_usage(run_dir).free)} free after removing the partial {tmp.name}); "
+                          f"{f'{previous.name} is intact' if previous else 'no earlier checkpoint'}: free space "
+                          "and resume with --resume") from err
 
 
 def _mb(n: float) -> str:
@@ -448,6 +496,7 @@ def load_run_config(ckpt: str | Path, verify: bool = True) -> RunConfig:
     return from_dict(RunConfig, yaml.safe_load(path.read_text()), where=f"{path}:")
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "write_manifest", "verify_checkpoint", "load_training_state",
+__all__ = ["CheckpointError", "PendingCheckpoint", "save_checkpoint", "write_manifest",
+           "verify_checkpoint", "load_training_state",
            "load_model_state", "full_state_dict", "tied_duplicates", "list_checkpoints", "latest_checkpoint",
            "resolve_checkpoint", "load_weights", "load_run_config", "rng_state", "set_rng_state"]

@@ -35,6 +35,7 @@ class DistInfo:
 
 
 _control: dist.ProcessGroup | None = None
+_checkpoints: dist.ProcessGroup | None = None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 300) -> DistInfo:
@@ -43,7 +44,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300) -> DistInfo:
 
     A CPU process also keeps freed memory for reuse (`keep_freed_memory`).
     """
-    global _control
+    global _control, _checkpoints
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if not use_cuda:
         keep_freed_memory()
@@ -58,6 +59,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 300) -> DistInfo:
                                 timeout=timedelta(seconds=timeout_s))
         # a CPU group for the per-step stop decision: agreeing on a flag must not wait for the GPU
         _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if use_cuda else None
+        # background checkpoint writes (DCP async_save) run collectives in a thread beside training's: a group of
+        # their own, on the CPU
+        _checkpoints = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -68,6 +72,11 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """The gloo group of background checkpoint writes (None without torch.distributed)."""
+    return _checkpoints
 
 
 def from_main(value: Any) -> Any:
@@ -91,10 +100,10 @@ def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
 
 def finish_distributed() -> None:
     """Leave the process group at the end of a run (NCCL warns of leaked resources otherwise)."""
-    global _control
+    global _control, _checkpoints
     if dist.is_initialized():
         dist.destroy_process_group()
-    _control = None
+    _control = _checkpoints = None
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
@@ -189,4 +198,4 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 __all__ = ["DistInfo", "init_distributed", "finish_distributed", "distributed_session", "any_rank", "from_main",
-           "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
+           "checkpoint_group", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]

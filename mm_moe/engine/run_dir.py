@@ -22,7 +22,8 @@ MARKER = "mm_moe_run.json"
 
 RESUMABLE = ("run_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.export_every", "train.eval_every",
              "train.keep_last", "train.tensorboard", "train.compile", "train.compile_backend", "train.dist_timeout_s",
-             "train.distributed", "train.expert_parallel", "train.num_workers", "train.grad_accum")
+             "train.distributed", "train.expert_parallel", "train.num_workers", "train.grad_accum",
+             "train.async_checkpoint")
 """Config keys a resumed run may change: how long it runs, how it logs and saves, how it is executed (checkpoints
 reshard to any process count and wrapping; grad_accum changes with the process count to keep the global batch).
 Any other change (model, data, optimizer, batch size, seed) would not continue the same run."""

@@ -31,6 +31,7 @@ from mm_moe.config import RunConfig
 from mm_moe.config_files import to_dict
 from mm_moe.engine.checkpoint import (
     CheckpointError,
+    PendingCheckpoint,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -144,6 +145,7 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal that stopped the run early
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.best: float | None = None  # the best validation score so far (task.evaluation.metric)
+        self.pending: PendingCheckpoint | None = None  # a checkpoint being written in the background
         self.scores: dict[str, float] = {}  # the latest validation
         self.config = to_dict(cfg)
         if self.info.is_main:
@@ -163,8 +165,17 @@ class Trainer:
                  "batches_done": self.batches_done, "grad_accum": self.cfg.train.grad_accum, "best": self.best}
         t = self.cfg.train
         export = t.export_every is None or self.step % t.export_every == 0 or self.step == t.steps
-        save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
-                        trainer_state=state, keep_last=t.keep_last, export=export)
+        self.finish_checkpoint()
+        saved = save_checkpoint(self.run_dir, self.step, self.raw, self.config, optimizer=self.optimizer, ema=self.ema,
+                                trainer_state=state, keep_last=t.keep_last, export=export,
+                                background=t.async_checkpoint)
+        self.pending = saved if isinstance(saved, PendingCheckpoint) else None
+
+    def finish_checkpoint(self) -> None:
+        """Wait for a checkpoint being written in the background, and complete it."""
+        if self.pending is not None:
+            self.pending.finish()
+            self.pending = None
 
     def resume(self) -> Path | None:
         """Continue from the run's newest sound checkpoint; a damaged one (against its manifest) is named,
@@ -393,7 +404,10 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
                     self.check_finite()
                     self.save()  # before the validation: a failing validation loses no training
+                if self.pending is not None and self.pending.done():
+                    self.finish_checkpoint()
                 if stop:
+                    self.finish_checkpoint()
                     self.stopped_by = signal.Signals(self._signal or signal.SIGTERM).name
                     log.warning("%s: stopped by %s after step %d, checkpoint written; --resume continues", self.run_dir,
                                 self.stopped_by, self.step)
@@ -401,6 +415,7 @@ class Trainer:
                 if self.task.evaluation is not None and (self.step == cfg.steps or (
                         cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
                     self.validate()
+        self.finish_checkpoint()
 
     @contextlib.contextmanager
     def _preemption_signals(self) -> Iterator[None]:
