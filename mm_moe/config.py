@@ -75,6 +75,10 @@ class FFNConfig:
     """Always-on experts beside the routed ones."""
     shared_hidden: PosInt | None = None
     """Inner size of a shared expert (default: `hidden`)."""
+    shared_scale: PosFloat = 1.0
+    """Factor on the shared experts' output: 0.5 is the CartesianMoE code's fine-grained baseline, whose shared
+    expert is 0.5 x (mlp0 + mlp1) over two half-size FFNs (ours: one FFN of their joint width, whose output is
+    mlp0 + mlp1)."""
     shared_gate: bool = True
     """Mix routed and shared outputs by a 2-way softmax gate on the token (the CartesianMoE code's SMoE-Share and
     CartesianMoE groups); False adds the shared output (DeepSeekMoE). CartesianMoE groups always gate."""
@@ -98,7 +102,13 @@ class FFNConfig:
     z_loss_coef: Annotated[float, NonNegative] = 0.0
     """Weight of the router z-loss."""
     capacity_factor: PosFloat | None = None
-    """None: dropless; else each expert takes at most capacity_factor * k * T / E assignments."""
+    """None: dropless; else each expert takes at most ceil(capacity_factor * k * T / E) assignments."""
+    capacity_mode: Literal["factor", "official"] = "factor"
+    """official: each expert takes at most k * ceil(T / E) assignments, as the MH-MoE code (its Tutel path), in
+    training and evaluation, whatever capacity_factor; factor: capacity_factor's rule (or dropless)."""
+    init: Literal["torch", "official"] = "torch"
+    """official: every weight of the layer (projections, experts, router, coefficient gate) from N(0, 0.02) and
+    every bias zero, as the CartesianMoE code; torch: torch's default (uniform by fan-in) initialisation."""
     dispatch: DispatchMode = "auto"
     """Expert matmuls: torch._grouped_mm where it applies (auto), always, or one mm per expert."""
     recompute: bool = True

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from moe_reference import REFERENCES, dense_ffn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moe.config import FFNConfig
 from mm_moe.engine import SavedForBackward
-from mm_moe.moe import build_ffn
+from mm_moe.moe import build_ffn, matched_variants
 from mm_moe.moe import grouped_mm as grouped_mm_ops
 from mm_moe.moe.experts import GroupedExperts, Groups, _fold_pays, count_ids
 from mm_moe.moe.layers import DenseFFN
@@ -261,3 +263,49 @@ def test_experts_save_only_their_input_and_first_projections(activation, bias, s
     with SavedForBackward(exclude=experts.parameters()) as kept:
         experts(x, torch.randint(0, e, (t, k)), weights)
     assert kept.bytes > saved.bytes + 4 * n * (d_in + hidden)
+
+
+def test_official_init_draws_every_weight_from_n_0_002_and_zeroes_every_bias():
+    """init=official (the CartesianMoE code): projections, stacked experts, router and coefficient gate from
+    N(0, 0.02), biases 0, norms untouched; the default keeps torch's fan-in uniform init."""
+    torch.manual_seed(0)
+    for cfg in matched_variants(256, 1024, subln=True).values():
+        if cfg is None:
+            continue
+        layer = build_ffn(dataclasses.replace(cfg, init="official"), 256)
+        weights = [p for n, p in layer.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "w1", "w2", "w3",
+                   "expert_emb") and p.dim() >= 2]
+        flat = torch.cat([w.detach().flatten() for w in weights])
+        assert abs(flat.std().item() - 0.02) < 3 * 0.02 / (2 * flat.numel()) ** 0.5 + 1e-4, cfg.kind
+        assert abs(flat.mean().item()) < 5 * 0.02 / flat.numel() ** 0.5, cfg.kind
+        for n, p in layer.named_parameters():
+            last = n.rsplit(".", 1)[-1]
+            if last in ("bias", "b1", "b2", "b3") and "norm" not in n:
+                assert not p.any(), n
+            if last in ("norm_w",) or n.endswith("norm.weight"):
+                assert (p == 1).all(), n
+        default = build_ffn(cfg, 256)
+        assert abs(torch.cat([p.detach().flatten() for n, p in default.named_parameters()
+                              if n.endswith("experts.w1")]).std().item() - 0.02) > 0.005
+
+
+def test_fine_grained_shared_expert_is_half_the_sum_of_two_half_size_ffns():
+    """The CartesianMoE code's fine-grained baseline: shared = 0.5 x (mlp0(h) + mlp1(h)) over two half-size FFNs.
+    Ours holds them as one FFN of their joint width; its halves, run as two FFNs by hand, give the layer's output
+    (shared gate off, so the sum is plain)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(matched_variants(32, 128)["finegrained"], shared_gate=False, subln=False)
+    assert cfg.shared_scale == 0.5 and cfg.shared_hidden == 2 * cfg.hidden
+    layer = build_ffn(cfg, 32).eval()
+    x = torch.randn(2, 5, 32)
+    out = layer(x).out
+    fc1, fc2, half = layer.shared.fc1, layer.shared.fc2, cfg.hidden
+
+    def mlp(part: slice) -> torch.Tensor:
+        return F.gelu(x @ fc1.weight[part].T + fc1.bias[part]) @ fc2.weight[:, part].T
+
+    # the two FFNs' output biases: any two that add up to our one (here half of it each)
+    shared = 0.5 * ((mlp(slice(0, half)) + fc2.bias / 2) + (mlp(slice(half, 2 * half)) + fc2.bias / 2))
+    routed = build_ffn(dataclasses.replace(cfg, num_shared_experts=0), 32).eval()
+    routed.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared.")})
+    torch.testing.assert_close(out, routed(x).out + shared, atol=1e-6, rtol=1e-5)

@@ -223,3 +223,24 @@ def test_global_balance_loss_uses_the_counts_of_the_steps_micro_batches():
     assert second.item() == pytest.approx(0.01 * 4 * (both / both.sum() * p).sum().item(), rel=1e-6)
     update_routers(layer)
     assert layer.router.step_top1 is None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_official_capacity_is_k_times_ceil_tokens_over_experts_in_training_and_eval(training):
+    """Hand-worked, by the MH-MoE code's rule: 5 tokens, 4 experts, top-2 -> k * ceil(5 / 4) = 4 slots per expert
+    (capacity_factor=1.0 gives ceil(5 * 2 / 4) = 3, k - 1 fewer). Every token's first choice is expert 0 and its
+    second expert 1 + token % 3: expert 0 keeps tokens 0-3 and drops token 4 (first choices in token order),
+    where the factor rule drops tokens 3 and 4; the other experts have room in both."""
+    router = TopKRouter(4, 4, 2, capacity_mode="official").train(training)
+    factor = TopKRouter(4, 4, 2, capacity_factor=1.0).train(training)
+    second = [1 + t % 3 for t in range(5)]
+    logits = torch.full((5, 4), -5.0)
+    logits[:, 0] = 5.0
+    logits[torch.arange(5), second] = 0.0
+    for r in (router, factor):
+        with torch.no_grad():
+            r.proj.weight.copy_(torch.eye(4))  # the token is its own logits
+    official, by_factor = router(logits).expert_idx.tolist(), factor(logits).expert_idx.tolist()
+    assert official == [[0, s] for s in second[:4]] + [[-1, second[4]]]
+    assert by_factor == [[0, s] for s in second[:3]] + [[-1, second[3]], [-1, second[4]]]
+    assert int(router.capacity(torch.tensor(5))) == 4 and int(factor.capacity(torch.tensor(5))) == 3

@@ -58,6 +58,9 @@ from mm_moe.errors import InputError
 from mm_moe.moe.parallel import expert_param_names
 
 log = logging.getLogger(__name__)
+# DCP says so on every one-process save; a background save says it from its writer thread, after `_one_process_ok`
+# has returned, so this one message is filtered for the process
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 

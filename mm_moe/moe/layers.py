@@ -78,9 +78,11 @@ def _shared(cfg: FFNConfig, d_model: int, eps: float) -> DenseFFN | None:
     return DenseFFN(d_model, hidden, cfg.activation, cfg.bias, cfg.subln, eps) if hidden else None
 
 
-def _with_shared(routed: Tensor, shared: Tensor, coef: nn.Linear | None, h: Tensor) -> Tensor:
+def _with_shared(routed: Tensor, shared: Tensor, coef: nn.Linear | None, h: Tensor, scale: float = 1.0) -> Tensor:
     """routed + shared, or with a coefficient gate (c0, c1) = softmax(coef(h)) in float32: routed*c0 + shared*c1
-    (the CartesianMoE code, for its groups and its SMoE-Share baseline)."""
+    (the CartesianMoE code, for its groups and its SMoE-Share baseline); the shared output times `scale` first."""
+    if scale != 1.0:
+        shared = shared * scale
     if coef is None:
         return routed + shared
     with torch.autocast(device_type=h.device.type, enabled=False):
@@ -103,13 +105,14 @@ class SparseMoE(MoELayer):
         self.experts = _experts(cfg, d_model, eps)
         self.shared = _shared(cfg, d_model, eps)
         self.coef = nn.Linear(d_model, 2) if self.shared is not None and cfg.shared_gate else None
+        self.shared_scale = cfg.shared_scale
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, stats: bool = False) -> FFNOutput:
         flat, valid = _flatten(x, padding_mask)
         r = self.router(flat, valid)
         y = self.experts(flat, r.expert_idx, r.weights, r.counts)
         if self.shared is not None:
-            y = _with_shared(y, self.shared(flat).out, self.coef, flat)
+            y = _with_shared(y, self.shared(flat).out, self.coef, flat, self.shared_scale)
         return FFNOutput(y.reshape(x.shape), r.aux_loss, RoutingStats.from_router(r) if stats else None)
 
 
@@ -205,4 +208,22 @@ def build_ffn(cfg: FFNConfig, d_model: int, eps: float = 1e-5) -> nn.Module:
     and shared sub-LN, CartesianMoE group norms)."""
     if cfg.kind not in _BUILDERS:
         raise ValueError(f"FFNConfig.kind must be one of {sorted(_BUILDERS)}, got {cfg.kind!r}")
-    return _BUILDERS[cfg.kind](d_model, cfg, eps)
+    layer = _BUILDERS[cfg.kind](d_model, cfg, eps)
+    if cfg.init == "official":
+        official_init(layer)
+    return layer
+
+
+def official_init(layer: nn.Module) -> None:
+    """The CartesianMoE code's initialisation: every weight matrix (linear layers, stacked expert weights, router
+    projections and embeddings, the coefficient gate) from N(0, 0.02), every bias zero; norms keep ones and zeros."""
+    norms = {id(p) for m in layer.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if id(p) in norms or last in ("norm_w", "norm_b"):  # LayerNorms and the experts' sub-LN affine
+                continue
+            if last in ("bias", "b1", "b2", "b3"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)

@@ -135,7 +135,8 @@ def cartesian_matched(
 ) -> dict[str, FFNConfig]:
     """SMoE-Share, Fine-grained MoE and CartesianMoE with equal core parameters and active FLOPs (arXiv 2410.16077).
 
-    SMoE-Share: E experts of d_ff + 1 shared, top-k. Fine-grained: 2E experts of d_ff/2 + a shared d_ff, top-2k.
+    SMoE-Share: E experts of d_ff + 1 shared, top-k. Fine-grained: 2E experts of d_ff/2 + a shared d_ff, top-2k,
+    its shared output halved (the official 0.5 x (mlp0 + mlp1)).
     CartesianMoE: per group, E sub-experts of d_ff/2 + 1 shared half-size, top-k. As in the official code, all
     three renormalise their top-k weights (k > 1) and mix the shared expert through a 2-way coefficient gate.
     The paper's setting is E=16, k=2 with SwiGLU experts.
@@ -145,7 +146,8 @@ def cartesian_matched(
     half = d_ff // 2
     share = FFNConfig(kind="smoe", hidden=d_ff, num_experts=num_experts, top_k=top_k, num_shared_experts=1,
                       activation=activation, renormalize=True, shared_gate=True, **common)
-    fine = dataclasses.replace(share, hidden=half, num_experts=2 * num_experts, top_k=2 * top_k, shared_hidden=d_ff)
+    fine = dataclasses.replace(share, hidden=half, num_experts=2 * num_experts, top_k=2 * top_k, shared_hidden=d_ff,
+                               shared_scale=0.5)  # the code's 0.5 x (mlp0 + mlp1) over two half-size shared FFNs
     cart = dataclasses.replace(share, kind="cartesian", hidden=half)
     return {"smoe_share": share, "finegrained": fine, "cartesian": cart}
 

@@ -92,6 +92,7 @@ class Router(nn.Module):
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         capacity_factor: float | None = None,
+        capacity_mode: str = "factor",
         bias_update_rate: float = 0.0,
         global_balance: bool = False,
     ) -> None:
@@ -102,6 +103,7 @@ class Router(nn.Module):
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.capacity_factor = capacity_factor
+        self.capacity_mode = capacity_mode
         self.bias_update_rate = bias_update_rate
         self.global_balance = global_balance
         self.skip_top1 = False  # robustness analysis: route every token to its choices 2..k+1
@@ -147,15 +149,18 @@ class Router(nn.Module):
             if self.z_loss_coef:
                 aux = aux + self.z_loss_coef * z_loss(logits, valid)
         expert_idx = expert_idx.masked_fill(~valid[:, None], -1)
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None or self.capacity_mode == "official":
             expert_idx = drop_over_capacity(expert_idx, self.num_experts, self.capacity(valid.sum()))
         weights = weights.masked_fill(expert_idx < 0, 0.0)
         return RouterOutput(expert_idx, weights, probs, logits, valid, aux, count_ids(expert_idx, self.num_experts))
 
     def capacity(self, num_valid: Tensor) -> Tensor:
-        """Assignments each expert takes at most, ceil(capacity_factor * valid tokens * k / E), on the device
-        (in float64, the same number Python's math.ceil gives)."""
+        """Assignments each expert takes at most, on the device (in float64, the numbers Python's math.ceil gives):
+        ceil(capacity_factor * valid tokens * k / E), or k * ceil(valid tokens / E) in the official mode (up to
+        k - 1 more)."""
         n = num_valid.to(torch.float64)
+        if self.capacity_mode == "official":
+            return self.top_k * torch.ceil(n / self.num_experts).long()
         return torch.ceil(self.capacity_factor * n * self.top_k / self.num_experts).long()
 
 
@@ -235,6 +240,7 @@ def build_router(cfg: FFNConfig, d_in: int) -> Router:
         balance_coef=cfg.balance_coef,
         z_loss_coef=cfg.z_loss_coef,
         capacity_factor=cfg.capacity_factor,
+        capacity_mode=cfg.capacity_mode,
         bias_update_rate=cfg.bias_update_rate,
         global_balance=cfg.global_balance,
     )
