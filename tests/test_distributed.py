@@ -146,8 +146,8 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "caption"])
+@pytest.mark.parametrize(("task", "mode"), [("pretrain", mode) for mode in MODES] + [
+    (task, mode) for task in ("vqa", "nlvr2", "caption") for mode in ("ddp+ep", "fsdp2")])  # plain DDP: pretraining's
 def test_torchrun_training_matches_one_process_on_the_global_batch(runs, task, mode):
     run = runs.trained(task, mode)
     ref_run, ref_state = runs.reference(task)
@@ -419,7 +419,7 @@ def test_eval_commands_under_torchrun_write_and_score_what_one_process_does(runs
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
             if nproc > 1 else [sys.executable]
         out = tmp_path / f"{nproc}-{name}"
-        res = subprocess.run([*launcher, str(ROOT / command), "--ckpt", str(runs.trained(task, "ddp")), *args,
+        res = subprocess.run([*launcher, str(ROOT / command), "--ckpt", str(runs.trained(task, "ddp+ep")), *args,
                               "--batch-size", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
