@@ -55,11 +55,13 @@ def batch(cfg: BEiT3Config, n: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     length = min(cfg.max_text_len, 32)
     ids = torch.randint(1000, cfg.vocab_size, (n, length), generator=g)
-    labels = torch.where(torch.rand(n, length, generator=g) < 0.15, ids, torch.full_like(ids, IGNORE_INDEX))
-    labels[:, 1] = ids[:, 1]
+    labels, vlm_labels = (torch.where(torch.rand(n, length, generator=g) < p, ids, torch.full_like(ids, IGNORE_INDEX))
+                          for p in (0.15, 0.5))  # the MLM and VLM passes' masks (the ids stand in for both inputs)
+    labels[:, 1] = vlm_labels[:, 1] = ids[:, 1]
     patches = (cfg.img_size // cfg.patch_size) ** 2
     b = {"images": torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=g), "masked_ids": ids,
-         "text_padding": torch.zeros(n, length, dtype=torch.bool), "mlm_labels": labels,
+         "text_padding": torch.zeros(n, length, dtype=torch.bool), "mlm_labels": labels, "vlm_ids": ids,
+         "vlm_labels": vlm_labels,
          "patch_mask": torch.rand(n, patches, generator=g) < 0.4}
     return {k: v.to(device) for k, v in b.items()}
 

@@ -277,7 +277,10 @@ class PretrainDataConfig:
     shards: str = ""
     """Brace pattern or directory of .tar shards."""
     mlm_prob: Annotated[float, Range(gt=0, le=1)] = 0.15
-    """Share of text tokens masked."""
+    """Share of text tokens masked in the text-only (MLM) pass (BEiT-3: 15% of monomodal text)."""
+    vlm_prob: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """Share of text tokens masked in the image-text (VLM) pass, drawn independently of the MLM pass's masks
+    (BEiT-3: 50% of the text of image-text pairs)."""
     mask_ratio: Annotated[float, Range(gt=0, le=1)] = 0.4
     """Share of patches masked by block masking."""
     min_block: PosInt = 16

@@ -133,7 +133,8 @@ def test_pretraining_passes_stop_compiling_after_warm_up():
         padding[0, text - 2:] = True
         labels = torch.where(torch.rand(batch, text, generator=g) < 0.3, ids, -100)
         labels[:, 1] = ids[:, 1]
-        b = {"masked_ids": ids, "text_padding": padding, "mlm_labels": labels, "images": torch.randn(batch, 3, 16, 16),
+        b = {"masked_ids": ids, "text_padding": padding, "mlm_labels": labels, "vlm_ids": ids, "vlm_labels": labels,
+             "images": torch.randn(batch, 3, 16, 16),
              "patch_mask": torch.rand(batch, 4, generator=g) < 0.5}
         b["patch_mask"][:, 0] = True
         loss_fn(model, b, stats=stats).loss.backward()

@@ -24,7 +24,7 @@ from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
-from mm_moe.data.shards import pretrain_loader
+from mm_moe.data.shards import PretrainSample, pretrain_loader
 from mm_moe.data.stream import INDEX_DIR, IndexedEpoch, RankBatches, ShardIndex, index_shard, read_sample
 from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
@@ -409,3 +409,23 @@ def test_global_stream_skips_and_counts_broken_samples(world, tok, tmp_path):
     assert read + skipped == indexed
     assert skipped == 2 + (not partial_ok)  # the corrupt image, the missing caption (+ a partial last sample)
     assert read == summary["shards"]["pairs"] + 2 + good_in_truncated + partial_ok
+
+
+def test_mlm_and_vlm_passes_mask_their_own_fractions_independently(tok):
+    """BEiT-3's masking: 15% of the text for the text-only pass, 50% for the image-text pass, drawn independently
+    (P(both) = P(MLM) x P(VLM)); seeded by the sample alone, so the same sample gets the same masks again."""
+    prepare = PretrainSample(tok, PretrainDataConfig(), BEiT3Config(img_size=32, patch_size=8, max_text_len=512), seed=0)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    caption = " ".join(["a red circle at the top left and a blue square"] * 20)
+    chosen = {"mlm": [], "vlm": []}
+    for k in range(60):
+        s = prepare.prepare({"__key__": f"k{k}", "__url__": "s.tar", "png": image, "txt": caption})
+        for p in chosen:
+            chosen[p].append(torch.tensor(s[f"{p}_labels"][1:-1]) != -100)  # [CLS] and [SEP] are never chosen
+        assert s["masked_ids"] != s["vlm_ids"]
+    mlm, vlm = torch.cat(chosen["mlm"]).float(), torch.cat(chosen["vlm"]).float()
+    n = mlm.numel()
+    for got, want in ((mlm.mean(), 0.15), (vlm.mean(), 0.5), ((mlm * vlm).mean(), 0.075)):
+        assert abs(got.item() - want) < 4 * (want * (1 - want) / n) ** 0.5, (got.item(), want, n)
+    again = prepare.prepare({"__key__": "k0", "__url__": "s.tar", "png": image, "txt": caption})
+    assert (torch.tensor(again["vlm_labels"][1:-1]) != -100).equal(chosen["vlm"][0])

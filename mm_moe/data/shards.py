@@ -99,11 +99,12 @@ class PretrainSample:
         shard = Path(str(sample.get("__url__", "?"))).name
         rng = random.Random(seed_of(self.seed, shard, key))
         ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.max_text_len)["input_ids"]
-        inputs, labels = mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
-                                   vocab_size=len(self.tokenizer), rng=rng, prob=self.data.mlm_prob)
+        masks = {pass_: mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
+                                  vocab_size=len(self.tokenizer), rng=rng, prob=prob)  # one draw after the other
+                 for pass_, prob in (("mlm", self.data.mlm_prob), ("vlm", self.data.vlm_prob))}
         image = seeded(self.transform, to_rgb(image), self.seed, shard, key)
-        return {"key": key, "image": image, "text_ids": ids, "masked_ids": inputs, "mlm_labels": labels,
-                "patch_mask": self.masking(rng)}
+        return {"key": key, "image": image, "text_ids": ids, "masked_ids": masks["mlm"][0], "mlm_labels": masks["mlm"][1],
+                "vlm_ids": masks["vlm"][0], "vlm_labels": masks["vlm"][1], "patch_mask": self.masking(rng)}
 
 
 class Collate:
@@ -122,6 +123,8 @@ class Collate:
             "masked_ids": pad([s["masked_ids"] for s in samples], self.pad_id),
             "text_padding": text_ids == self.pad_id,
             "mlm_labels": pad([s["mlm_labels"] for s in samples], IGNORE_INDEX),
+            "vlm_ids": pad([s["vlm_ids"] for s in samples], self.pad_id),
+            "vlm_labels": pad([s["vlm_labels"] for s in samples], IGNORE_INDEX),
             "patch_mask": torch.stack([s["patch_mask"] for s in samples]),
             "num_skipped": self.skips.take(),
         }

@@ -21,17 +21,18 @@ from mm_moe.moe.stats import merge_stats
 
 
 def pretrain_loss(weights: ObjectivesConfig) -> Callable[..., TaskOutput]:
-    """MLM on text alone, MIM on images alone, VLM on the pairs; one summed loss (+ aux of every pass). With
-    `stats`, the routing statistics of every MoE layer over all three passes (the vision branches see the MIM and
-    VLM passes' image tokens, the language branches the MLM and VLM passes' text)."""
+    """MLM on text alone, MIM on images alone, VLM on the pairs with text masks of their own (BEiT-3: 15% and 50%);
+    one summed loss (+ aux of every pass). With `stats`, the routing statistics of every MoE layer over all three
+    passes (the vision branches see the MIM and VLM passes' image tokens, the language branches the MLM and VLM
+    passes' text)."""
 
     def loss_fn(model: nn.Module, batch: dict, stats: bool = False) -> TaskOutput:
         losses, aux, layer_stats, logits = {}, 0.0, {}, None
         passes = {
             "mlm": dict(text_ids=batch["masked_ids"], text_padding=batch["text_padding"], mlm_labels=batch["mlm_labels"]),
             "mim": dict(images=batch["images"], patch_mask=batch["patch_mask"]),
-            "vlm": dict(images=batch["images"], text_ids=batch["masked_ids"], text_padding=batch["text_padding"],
-                        mlm_labels=batch["mlm_labels"]),
+            "vlm": dict(images=batch["images"], text_ids=batch["vlm_ids"], text_padding=batch["text_padding"],
+                        mlm_labels=batch["vlm_labels"]),
         }
         for name, kwargs in passes.items():
             if not getattr(weights, name):
