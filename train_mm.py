@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mm_moe.config import RunConfig
@@ -75,6 +76,7 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     from mm_moe.data import load_tokenizer
     from mm_moe.engine import Trainer, build_task, finish_distributed, init_distributed, latest_checkpoint
     from mm_moe.engine.checkpoint import CheckpointError
+    from mm_moe.engine.distributed import restart_hazard
     from mm_moe.engine.init_weights import init_encoder
     from mm_moe.engine.run_dir import RESUMABLE, check_run_dir, config_differences, restart_metrics
 
@@ -92,6 +94,8 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
                           f"A resumed run keeps its config (only {', '.join(RESUMABLE[1:])} may change); start a new "
                           "run_dir (with --init) to change it")
     info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    if info.is_main and (hazard := restart_hazard(os.environ)) is not None:
+        print(f"warning: {hazard}", file=sys.stderr)
     if not has_ckpt and info.is_main and (aside := restart_metrics(run_dir)) is not None:
         print(f"run_dir={cfg.run_dir}: no checkpoint to resume, starting again; the earlier records are now {aside}",
               file=sys.stderr)

@@ -29,6 +29,7 @@ from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.engine import Trainer, build_task
 from mm_moe.engine.checkpoint import latest_checkpoint
+from mm_moe.engine.distributed import restart_hazard
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -333,6 +334,14 @@ def _workers(launcher: subprocess.Popen) -> list[int]:
     return [int(p) for p in out]
 
 
+def _cmdline(pid: int) -> bytes:
+    """Process `pid`'s command line (empty once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie counts as ended)."""
     try:
@@ -476,3 +485,59 @@ def same_records(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g["step"], g["loss"], w["loss"])
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], w["grad_norm"])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_restart_a_killed_worker_and_auto_resume(runs, tmp_path):
+    """Two torchrun "nodes" of one process each, c10d rendezvous on localhost, --max-restarts 1, --auto-resume and
+    a store per attempt, as configs/slurm_pretrain.sh runs them: one worker is SIGKILLed after the step-3
+    checkpoint, torchrun restarts both once, they resume from the newest checkpoint, and the run ends with the
+    uninterrupted run's weights."""
+    args = [*runs.args("pretrain"), *TINY, *STREAM, "train.grad_accum=2", "train.dist_timeout_s=90"]
+    reference = runs.global_batch_run()
+    run = tmp_path / "elastic"
+    port = 29400 + os.getpid() % 500
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "INFO", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # each agent's output to a file: a pipe read by nobody would fill and block its writers (and the job)
+    outputs = [(tmp_path / f"agent{i}.log").open("w") for i in range(2)]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+         f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=elastic-test", "--max-restarts=1", "--monitor-interval=0.5",
+         str(ROOT / "train_mm.py"), *args, f"run_dir={run}", "--auto-resume"], cwd=ROOT, stdout=out,
+        stderr=subprocess.STDOUT, env=env) for out in outputs]
+    try:
+        deadline = time.time() + 300
+        while not (run / "step-00000003").is_dir() and time.time() < deadline:
+            assert all(a.poll() is None for a in agents), (tmp_path / "agent0.log").read_text()[-3000:]
+            time.sleep(0.05)
+        workers = [pid for pid in _workers(agents[1]) if b"train_mm.py" in _cmdline(pid)]
+        assert workers, "the second node has no worker"
+        os.kill(workers[0], signal.SIGKILL)
+        for a in agents:
+            a.wait(timeout=300)
+    finally:
+        for a in agents:
+            a.kill()
+        for out in outputs:
+            out.close()
+    logs = [(tmp_path / f"agent{i}.log").read_text() for i in range(2)]
+    assert [a.returncode for a in agents] == [0, 0], logs[0][-3000:]
+    # the killed worker; each agent's worker group rendezvoused twice (the start and one restart), and resumed
+    assert "failed (exitcode: -9)" in logs[1], logs[1][-3000:]
+    assert [log.count("Rendezvous complete for workers") for log in logs] == [2, 2], logs[0][-3000:]
+    assert f"resumed {run} from step-00000003" in logs[0], logs[0][-3000:]
+    assert not any("pytorch/pytorch#135712" in log for log in logs)
+    got, want = weights(run / "step-00000006"), weights(reference / "step-00000006")
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_restart_hazard_names_the_shared_store():
+    """torchrun with restarts and the agent's shared store gets the warning; without restarts, or with a store per
+    attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun tell its workers USE_AGENT_STORE=False), none."""
+    hazard = restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert hazard is not None and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard
+    assert restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
+    assert restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_hazard({}) is None

@@ -6,7 +6,7 @@ Expert parallelism itself (the all_to_all dispatch) lives in `mm_moe.moe.paralle
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +63,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 300) -> DistInfo:
         # their own, on the CPU
         _checkpoints = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def restart_hazard(environ: Mapping[str, str]) -> str | None:
+    """Why torchrun's in-job restarts may hang this launch, or None. With restarts allowed, torchrun's c10d
+    rendezvous hands every attempt the same store, and a restarted rank can read the previous attempt's keys and
+    wait forever (pytorch/pytorch#135712, still so in torch 2.14); a store per attempt avoids it."""
+    if int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts shares one store across attempts, and a restarted job can hang at start-up "
+                "(pytorch/pytorch#135712): start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                "environment, as configs/slurm_pretrain.sh does")
+    return None
 
 
 def any_rank(flag: bool) -> bool:
@@ -197,5 +208,5 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-__all__ = ["DistInfo", "init_distributed", "finish_distributed", "distributed_session", "any_rank", "from_main",
-           "checkpoint_group", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
+__all__ = ["DistInfo", "init_distributed", "restart_hazard", "finish_distributed", "distributed_session", "any_rank",
+           "from_main", "checkpoint_group", "wrap_model", "clip_grad_norm", "reduce_mean", "gradient_sync"]
