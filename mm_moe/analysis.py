@@ -6,7 +6,8 @@ writes, for the MoE layers of the encoder on image-text batches:
   expert_load.png      per-layer x per-expert selection frequency (the MH-MoE paper's activation heatmap)
   pairs_<layer>.png    CartesianMoE: the A x B sub-expert pair usage matrix
   analysis.json        activation ratio (scale-free: experts selected above 0.1 x k / E; also per modality and
-                       at the absolute 1% bar), routing entropy and load imbalance per layer, and the routing
+                       at the absolute 1% bar), the load's entropy over log E (1 is uniform; mean over routers, and
+                       per layer), routing entropy and load imbalance per layer, and the routing
                        robustness experiment (CartesianMoE paper): masked-LM loss / perplexity with each
                        token's top-1 expert disabled (routed to its next choices) against normal routing.
 """
@@ -116,8 +117,10 @@ def analyze(model: torch.nn.Module, batches: list[dict], out: Path) -> dict:
     report["activation_ratio"] = activation_ratio(list(stats.values()))
     report["activation_ratio_by_modality"] = activation_by_modality(stats)
     report["activation_ratio_over_1pct"] = activation_ratio(list(stats.values()), threshold=0.01)
+    report["load_entropy"] = sum(s.load_entropy * s.num_groups for s in stats.values()) / sum(
+        s.num_groups for s in stats.values())
     report["layers"] = {k: {"activation_ratio": s.activation_ratio(), "entropy": s.mean_entropy,
-                            "imbalance": s.imbalance} for k, s in stats.items()}
+                            "load_entropy": s.load_entropy, "imbalance": s.imbalance} for k, s in stats.items()}
     report["figures"] = [str(plot_load(stats, out / "expert_load.png"))]
     for name, s in stats.items():
         if s.pair_counts is not None:

@@ -130,6 +130,10 @@ def test_analyze_against_independent_computations(tmp_path, kind):
     assert report["activation_ratio"] == pytest.approx(active.float().mean().item())
     assert report["activation_ratio_over_1pct"] == pytest.approx((cells > 0.01).float().mean().item())
     assert set(report["activation_ratio_by_modality"]) == {"vision", "language"}
+    # load entropy: each router's load distribution, its entropy over log E, averaged over routers
+    loads = [c.float() / c.sum() for c in counts.values()]
+    entropies = [float(-(p[p > 0] * p[p > 0].log()).sum()) / math.log(len(p)) for p in loads]
+    assert report["load_entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
 
     assert len(report["layers"]) == 4
     pairs = [f for f in report["figures"] if "pairs_" in f]

@@ -205,6 +205,47 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     assert re.search(r"^\| cartesian \| [\d.]+M \| [\d.]+ \| [\d.]+ \|", again, re.M)  # one seed: no spread
 
 
+def test_activation_experts_reports_both_bars_entropy_and_robustness_over_seeds(tmp_path, monkeypatch):
+    """SMoE and MH-MoE with 4 experts, two seeds, through the script: equal active FLOPs, each run's figures are
+    its analysis's, the table's means are the seeds' means, and the plot is written."""
+    from mm_moe.data import write_world
+    from mm_moe.moe import ffn_cost
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: its folder comes first
+    spec = importlib.util.spec_from_file_location("activation_experts", ROOT / "benchmarks" / "activation_experts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = script.configs([4])
+    assert [(c.kind, c.num_experts, c.top_k) for c in runs.values()] == [("smoe", 4, 1), ("mhmoe", 4, 2)]
+    d_model = script.base_model().d_model
+    smoe, mhmoe = ffn_cost(runs["smoe-E4"], d_model), ffn_cost(runs["mhmoe-E4"], d_model)
+    assert smoe.core_flops == mhmoe.core_flops  # matmuls, head and merge projections included
+    assert mhmoe.flops == pytest.approx(smoe.flops, rel=0.02)  # + routers, biases, sub-LN
+
+    world = tmp_path / "world"
+    write_world(world, n_train=40, n_val=4, n_test=4, n_pairs_train=40, n_pairs_dev=4, size=32, shard_count=8)
+    out = tmp_path / "activation"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activation_experts.py"), "--world", str(world),
+                    "--out", str(out), "--experts", "4", "--seeds", "2", "--jobs", "2", "--batch-size", "8",
+                    "--pretrain-steps", "2"], capture_output=True, text=True, check=True, cwd=ROOT)
+    results = json.loads((out / "activation.json").read_text())["runs"]
+    assert sorted((r["model"], r["experts"], r["seed"]) for r in results) == [
+        ("mhmoe", 4, 0), ("mhmoe", 4, 1), ("smoe", 4, 0), ("smoe", 4, 1)]
+    for r in results:
+        analysis = json.loads((out / f"{r['variant']}-seed{r['seed']}" / "analysis" / "analysis.json").read_text())
+        assert r["activation_ratio"] == analysis["activation_ratio"]
+        assert r["activation_over_1pct"] == analysis["activation_ratio_over_1pct"]
+        assert r["load_entropy"] == analysis["load_entropy"] and 0 < r["load_entropy"] <= 1
+        assert r["top1_disabled"] == pytest.approx(analysis["top1_disabled"]["perplexity_ratio"])
+    table = (out / "activation.md").read_text()
+    for model in ("smoe", "mhmoe"):
+        row = re.search(rf"^\| {model} \| 4 \| 2 \| ([\d.]+) ± [\d.]+ \|", table, re.M)
+        assert row, table
+        values = [100 * r["activation_ratio"] for r in results if r["model"] == model]
+        assert float(row.group(1)) == pytest.approx(sum(values) / 2, abs=0.051)
+    assert (out / "activation.png").stat().st_size > 0
+
+
 def test_easyvqa_curves_scores_by_question_kind(tmp_path, monkeypatch):
     """The curves script trains through build_task and prints, every --every steps, accuracies by kind on fixed
     samples; the kinds are those of easy-VQA's questions (negated ones included)."""

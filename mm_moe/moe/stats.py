@@ -6,6 +6,7 @@ the float properties read them when someone asks. Padding tokens never count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,12 @@ class RoutingStats:
     def mean_entropy(self) -> float:
         """Mean entropy (nats) of the router's softmax per valid token; log(E) is uniform."""
         return (self.entropy_sum / (self.num_tokens * self.num_groups).clamp_min(1)).item()
+
+    @property
+    def load_entropy(self) -> float:
+        """Entropy of the expert load over log(E), averaged over groups: 1.0 is a uniform load, 0 one expert."""
+        load = self.load
+        return (-(load * load.clamp_min(1e-30).log()).sum(-1) / math.log(load.shape[-1])).mean().item()
 
     @property
     def imbalance(self) -> float:
