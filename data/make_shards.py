@@ -4,6 +4,8 @@ Sources:
   --coco CAPTIONS.json --images DIR            COCO captions format (images[{id, file_name}], annotations[{image_id, caption}])
   --karpathy dataset_coco.json --images DIR    Karpathy splits (--splits train restval by default)
   --captions FILE.jsonl|.tsv --images DIR      {"image": relative path, "caption": text} lines, or path<TAB>caption
+  --images-only --images DIR                   every image under DIR, without text (pretrain_data.image_shards)
+  --texts FILE.txt                             one text per non-empty line, without image (pretrain_data.text_shards)
 
     python data/make_shards.py --karpathy dataset_coco.json --images coco/ --out shards/coco --max-size-mb 500
 Unreadable images and empty captions are skipped and reported (no sample written at all is an error); image paths
@@ -107,6 +109,28 @@ def caption_file_pairs(path: Path, images: Path) -> Iterator[tuple[Path, str, di
             yield inside(images, parts[0], where), parts[1], {}
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def folder_images(images: Path) -> Iterator[tuple[Path, None, dict]]:
+    """Every image file under `images` (by suffix, recursively, in path order), without text."""
+    for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        yield path, None, {}
+
+
+def text_lines(path: Path) -> Iterator[tuple[None, str, dict]]:
+    """Each non-empty line of a UTF-8 text file as a text without image, keyed by its line number."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield None, line, {"key": f"line{number:09d}", "line": number}
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text after line {number} ({err})") from err
+
+
 def encode_image(path: Path) -> tuple[bytes, str]:
     """The file's bytes and extension if PIL can fully decode it; raises otherwise."""
     data = path.read_bytes()
@@ -121,36 +145,46 @@ def encode_image(path: Path) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
-def write_shards(pairs: Iterator[tuple[Path, str, dict]], out: Path, prefix: str = "shard",
+def write_shards(pairs: Iterator[tuple[Path | None, str | None, dict]], out: Path, prefix: str = "shard",
                  max_count: int = 10000, max_size_mb: float = 1000.0, total: int | None = None) -> dict:
-    """Write pairs to out/prefix-000000.tar ...; returns counts and the unreadable images."""
+    """Write samples to out/prefix-000000.tar ...: pairs (image path, caption, metadata), or images alone (caption
+    None) or texts alone (path None, the key in the metadata); returns counts and what was skipped."""
     out.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
     written = 0
     seen: dict[str, int] = {}
     with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=int(max_size_mb * 2**20),
                          verbose=0) as sink:
-        for path, caption, meta in tqdm(pairs, total=total, desc="shards", unit="pair"):
-            if not caption.strip():
+        for path, caption, meta in tqdm(pairs, total=total, desc="shards", unit="sample"):
+            if caption is not None and not caption.strip():
                 skipped.append(f"{path}: empty caption")
                 continue
-            try:
-                data, ext = encode_image(path)
-            except Exception as err:
-                skipped.append(f"{path}: {type(err).__name__}: {err}")
-                continue
-            stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+            sample: dict = {"json": json.dumps({"image": str(path), **meta} if path else meta).encode()}
+            if path is not None:
+                try:
+                    data, ext = encode_image(path)
+                except Exception as err:
+                    skipped.append(f"{path}: {type(err).__name__}: {err}")
+                    continue
+                sample[ext] = data
+            if caption is not None:
+                sample["txt"] = caption.strip()
+            stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem if path is not None else meta["key"])
             seen[stem] = seen.get(stem, -1) + 1
-            key = f"{stem}_{seen[stem]}"
-            sink.write({"__key__": key, ext: data, "txt": caption.strip(),
-                        "json": json.dumps({"image": str(path), **meta}).encode()})
+            sink.write({"__key__": f"{stem}_{seen[stem]}", **sample})
             written += 1
     return {"written": written, "skipped": skipped, "shards": sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))}
 
 
-def read_pairs(args: argparse.Namespace) -> list[tuple[Path, str, dict]]:
+def read_pairs(args: argparse.Namespace) -> list[tuple[Path | None, str | None, dict]]:
+    if args.texts:
+        return list(text_lines(args.texts))
+    if args.images is None:
+        raise InputError("--images: required with --coco, --karpathy, --captions and --images-only")
     if not args.images.is_dir():
         raise InputError(f"--images {args.images}: not a folder")
+    if args.images_only:
+        return list(folder_images(args.images))
     if args.coco:
         return list(coco_pairs(args.coco, args.images))
     if args.karpathy:
@@ -164,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--coco", type=Path, help="COCO captions json")
     src.add_argument("--karpathy", type=Path, help="Karpathy dataset_coco.json")
     src.add_argument("--captions", type=Path, help=".jsonl or .tsv captions file")
-    p.add_argument("--images", type=Path, required=True, help="image folder the paths are relative to")
+    src.add_argument("--images-only", action="store_true", help="every image under --images, without text")
+    src.add_argument("--texts", type=Path, help="text file, one text per line, without images")
+    p.add_argument("--images", type=Path, help="image folder the paths are relative to")
     p.add_argument("--splits", nargs="+", default=["train", "restval"], help="Karpathy splits to include")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prefix", default="shard")
@@ -180,14 +216,14 @@ def make(args: argparse.Namespace) -> None:
     report = write_shards(iter(pairs), args.out, args.prefix, args.max_count, args.max_size_mb, total=len(pairs))
     print(f"wrote {report['written']} samples in {len(report['shards'])} shards to {args.out}")
     if report["skipped"]:
-        print(f"skipped {len(report['skipped'])} of {len(pairs)} pairs (unreadable image or empty caption):",
+        print(f"skipped {len(report['skipped'])} of {len(pairs)} samples (unreadable image or empty caption):",
               file=sys.stderr)
         for line in report["skipped"][:20]:
             print("  " + line, file=sys.stderr)
     if not report["written"]:
         for empty in report["shards"]:
             Path(empty).unlink()
-        raise InputError(f"no sample written ({len(pairs)} pairs read, {len(report['skipped'])} skipped)")
+        raise InputError(f"no sample written ({len(pairs)} read, {len(report['skipped'])} skipped)")
 
 
 if __name__ == "__main__":

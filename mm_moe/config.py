@@ -290,6 +290,15 @@ class PretrainDataConfig:
     webdataset's shuffle buffer."""
     epoch_batches: PosInt | None = None
     """Remote (streamed) shards only: resample them, this many batches per epoch and rank."""
+    image_shards: str = ""
+    """Local shards of images alone (no caption needed) mixed into the masked-image (MIM) pass, as BEiT-3 pretrains
+    on monomodal images beside the pairs (empty: the pairs' images only)."""
+    text_shards: str = ""
+    """Local shards of texts alone (.txt) mixed into the text-only (MLM) pass, as BEiT-3's monomodal text (empty:
+    the pairs' captions only)."""
+    monomodal_share: Annotated[float, Range(ge=0, le=1)] = 0.5
+    """Share of the MIM pass's images and of the MLM pass's texts taken from image_shards / text_shards (when
+    given) instead of the pairs: the last share x batch_size (rounded half up) of every micro-batch."""
 
 
 @dataclass

@@ -19,12 +19,14 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from tiny import monomodal_shards
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig
 from mm_moe.data.coco import CaptionDataset, write_coco_gt
 from mm_moe.data.masking import BlockMasking, mask_text
 from mm_moe.data.nlvr2 import NLVR2Dataset
 from mm_moe.data.shards import PretrainSample, pretrain_loader
+from mm_moe.data.skips import SampleError
 from mm_moe.data.stream import INDEX_DIR, IndexedEpoch, RankBatches, ShardIndex, index_shard, read_sample
 from mm_moe.data.synthetic import write_world
 from mm_moe.data.tokenizer import VOCAB_SIZE, load_tokenizer
@@ -197,12 +199,46 @@ def test_make_shards_cli_reports_unreadable_images(tmp_path, tok):
     res = subprocess.run([sys.executable, str(ROOT / "data" / "make_shards.py"), "--captions", str(captions),
                           "--images", str(images), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "wrote 2 samples in 1 shards" in res.stdout and "skipped 1 of 3 pairs" in res.stderr
+    assert "wrote 2 samples in 1 shards" in res.stdout and "skipped 1 of 3 samples" in res.stderr
     assert "bad.jpg" in res.stderr
     with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
         names = tar.getnames()
     assert sorted(names) == sorted(["img_0_0.jpg", "img_0_0.txt", "img_0_0.json", "img_1_0.jpg", "img_1_0.txt", "img_1_0.json"])
 
+
+
+def test_make_shards_writes_monomodal_shards_that_pretraining_reads(tmp_path, tok):
+    """--images-only: every image under the folder (an unreadable one skipped and named); --texts: one sample per
+    non-empty line. Pretraining's preparation reads them as images alone and texts alone."""
+    images = tmp_path / "imgs"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(images / "a.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(images / "sub" / "b.jpg")
+    (images / "bad.jpg").write_bytes(b"not an image")
+    (images / "notes.txt").write_text("not an image either")
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("a red square.\n\n  \nthe blue circle is small.\n")
+    script = [sys.executable, str(ROOT / "data" / "make_shards.py")]
+    res = subprocess.run([*script, "--images-only", "--images", str(images), "--out", str(tmp_path / "i")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 2 samples" in res.stdout and "skipped 1 of 3 samples" in res.stderr and "bad.jpg" in res.stderr
+    res = subprocess.run([*script, "--texts", str(texts), "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    with tarfile.open(next((tmp_path / "i").glob("*.tar"))) as tar:
+        assert sorted(tar.getnames()) == ["a_0.json", "a_0.png", "b_0.jpg", "b_0.json"]
+    with tarfile.open(next((tmp_path / "t").glob("*.tar"))) as tar:
+        assert sorted(tar.getnames()) == ["line000000001_0.json", "line000000001_0.txt", "line000000004_0.json",
+                                          "line000000004_0.txt"]
+    prepare = PretrainSample(tok, PretrainDataConfig(), BEiT3Config(img_size=32, patch_size=8, max_text_len=24), seed=0)
+    for folder, part, fields in (("i", "image", {"key", "image", "patch_mask"}),
+                                 ("t", "text", {"key", "text_ids", "masked_ids", "mlm_labels"})):
+        url = str(next((tmp_path / folder).glob("*.tar")))
+        prepared = [prepare(read_sample(url, int(o), int(n)), part) for o, n in index_shard(url)]
+        assert len(prepared) == 2 and all(set(x) == fields for x in prepared)
+    assert tok.decode(prepared[1]["text_ids"], skip_special_tokens=True) == "the blue circle is small."
+    with pytest.raises(SampleError, match="missing or empty text"):
+        prepare({"__key__": "k", "__url__": "x.tar", "png": Image.new("RGB", (8, 8))}, "text")
 
 def test_vqa_dataset_reads_official_format(world, tok):
     out, summary = world
@@ -344,14 +380,16 @@ def test_easy_vqa_conversion(tmp_path, tok):
     assert len(ds) == summary["val"]["questions"] and ds[0]["targets"].sum() == 1
 
 
-def _indexed(urls, tok, *, world=1, accum=1, workers=0, epoch=0, batch_size=2, buffer=7, rank_range=None):
+def _indexed(urls, tok, *, world=1, accum=1, workers=0, epoch=0, batch_size=2, buffer=7, rank_range=None,
+             monomodal=None, share=0.5):
     """Every rank's micro-batches of one epoch of the global stream, listed by global micro-batch number."""
     index = ShardIndex(urls)
     model = BEiT3Config(img_size=32, patch_size=8, max_text_len=24)
+    data = PretrainDataConfig(shuffle_buffer=buffer, monomodal_share=share)
     by_chunk = {}
     for rank in rank_range or range(world):
-        ranks = RankBatches(index, tok, PretrainDataConfig(shuffle_buffer=buffer), model, batch_size=batch_size, seed=5,
-                            epoch=epoch, rank=rank, world=world, accum=accum)
+        ranks = RankBatches(index, tok, data, model, batch_size=batch_size, seed=5, epoch=epoch, rank=rank,
+                            world=world, accum=accum, monomodal=monomodal)
         for k, batch in enumerate(IndexedEpoch(ranks, workers)):
             by_chunk[ranks.chunk(k)] = batch
     return [by_chunk[c] for c in sorted(by_chunk)]
@@ -390,6 +428,107 @@ def test_global_stream_is_the_same_at_any_world_size_worker_count_and_accumulati
                         max_text_len=24), batch_size=2, seed=5, epoch=0, rank=1, world=2, accum=2)
     tail = list(IndexedEpoch(ranks, 0).starting_at(3))
     assert [b["keys"] for b in tail] == [b["keys"] for b in list(IndexedEpoch(ranks, 0))[3:]]
+
+
+def test_monomodal_sources_fill_their_share_of_the_mim_and_mlm_passes_at_any_world_size(world, tok, tmp_path):
+    """Image-only and text-only shards beside the pairs: the last share x batch_size of every micro-batch's MIM
+    images and MLM texts come from them, in each source's own order, one pass without repeats before any sample
+    comes again; the pairs' own samples fill the rest and keep the VLM pass; the same micro-batches at 1 process x
+    4 accumulation steps, 2 x 2 with 2 workers, and in the next epoch the sources go on where they were."""
+    out, _ = world
+    urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
+    image_dir, text_dir = monomodal_shards(out, tmp_path)
+    sources = {"image": ShardIndex(sorted(str(p) for p in image_dir.glob("*.tar")), key="pretrain_data.image_shards"),
+               "text": ShardIndex(sorted(str(p) for p in text_dir.glob("*.tar")), key="pretrain_data.text_shards")}
+    one = _indexed(urls, tok, accum=4, batch_size=4, monomodal=sources, share=0.5)
+    for b in one:  # 2 pair samples then 2 monomodal ones; the VLM pass keeps all 4 pairs
+        assert b["mim_keys"][:2] == b["mlm_keys"][:2] == b["keys"][:2] and len(b["keys"]) == 4
+        assert all(k.startswith("img-") for k in b["mim_keys"][2:])
+        assert all(k.startswith("txt-") for k in b["mlm_keys"][2:])
+        assert torch.equal(b["mim_images"][:2], b["images"][:2])
+        for i in range(2):  # the same masked text, each batch padded to its own longest
+            assert torch.equal(b["mlm_text_ids"][i][~b["mlm_text_padding"][i]], b["masked_ids"][i][~b["text_padding"][i]])
+        assert b["mim_images"].shape == b["images"].shape and b["mlm_text_ids"].shape == b["mlm_text_labels"].shape
+        assert (b["mlm_text_labels"][b["mlm_text_padding"]] == -100).all()
+    for part, field in (("image", "mim_keys"), ("text", "mlm_keys")):
+        drawn = [k for b in one for k in b[field][2:]]
+        size = int(sources[part].counts.sum())
+        assert len(set(drawn[:size])) == min(size, len(drawn))  # a whole pass before any repeat
+    # the monomodal texts are masked for MLM at its rate, the pairs' images and texts unchanged by the mix
+    labels = torch.cat([b["mlm_text_labels"][2:][~b["mlm_text_padding"][2:]] for b in one])
+    assert 0.05 < (labels != -100).float().mean().item() < 0.3
+    plain = _indexed(urls, tok, accum=4, batch_size=4)
+    for a, b in zip(one, plain, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["vlm_ids"], b["vlm_ids"])
+    other = _indexed(urls, tok, world=2, accum=2, workers=2, batch_size=4, monomodal=sources, share=0.5)
+    for a, b in zip(one, other, strict=True):
+        assert a["mim_keys"] == b["mim_keys"] and a["mlm_keys"] == b["mlm_keys"]
+        for field in ("mim_images", "mim_patch_mask", "mlm_text_ids", "mlm_text_labels"):
+            assert torch.equal(a[field], b[field]), field
+    # the next epoch's micro-batch g continues the sources at their position g (counted over epochs)
+    nxt = _indexed(urls, tok, accum=4, batch_size=4, epoch=1, monomodal=sources, share=0.5)
+    longer = [k for b in one + nxt for k in b["mim_keys"][2:]]
+    size = int(sources["image"].counts.sum())
+    assert len(set(longer[:size])) == min(size, len(longer))
+    # share 1: the MIM and MLM passes are all monomodal
+    full = _indexed(urls, tok, accum=4, batch_size=4, monomodal=sources, share=1.0)
+    assert all(k.startswith("img-") for b in full for k in b["mim_keys"])
+
+
+def test_pretraining_passes_take_the_monomodal_inputs_where_the_batch_has_them():
+    """MLM reads mlm_text_*, MIM reads mim_*, VLM the pairs, when a batch has them; without, all read the pairs."""
+    from types import SimpleNamespace
+
+    from mm_moe.config import ObjectivesConfig
+    from mm_moe.engine.tasks.pretrain import pretrain_loss
+
+    calls = []
+
+    def model(stats=False, **inputs):
+        calls.append(inputs)
+        return SimpleNamespace(losses={"loss": torch.tensor(1.0)}, aux_loss=0.0, stats={}, logits=None)
+
+    pairs = {k: torch.zeros(1) for k in ("masked_ids", "text_padding", "mlm_labels", "images", "patch_mask",
+                                         "vlm_ids", "vlm_labels")}
+    mono = {k: torch.ones(1) for k in ("mlm_text_ids", "mlm_text_padding", "mlm_text_labels", "mim_images",
+                                       "mim_patch_mask")}
+    loss = pretrain_loss(ObjectivesConfig())
+    loss(model, pairs | mono)
+    mlm, mim, vlm = calls
+    assert mlm["text_ids"] is mono["mlm_text_ids"] and mlm["text_padding"] is mono["mlm_text_padding"]
+    assert mlm["mlm_labels"] is mono["mlm_text_labels"]
+    assert mim["images"] is mono["mim_images"] and mim["patch_mask"] is mono["mim_patch_mask"]
+    assert vlm["images"] is pairs["images"] and vlm["text_ids"] is pairs["vlm_ids"]
+    calls.clear()
+    loss(model, pairs)
+    assert calls[0]["text_ids"] is pairs["masked_ids"] and calls[1]["images"] is pairs["images"]
+
+
+def test_monomodal_sources_need_local_shards_and_name_their_key(world, tok, tmp_path):
+    """Streamed pair shards cannot take monomodal sources, which are read by position; a source folder without
+    shards is an error naming its own key."""
+    from mm_moe.config import RunConfig
+    from mm_moe.config_files import load_config
+    from mm_moe.engine.tasks import pretrain
+    from mm_moe.errors import ConfigError
+
+    out, _ = world
+    image_dir, _ = monomodal_shards(out, tmp_path)
+    recipe = str(ROOT / "configs" / "pretrain_demo.yaml")
+    streamed = load_config(RunConfig, recipe, [f"pretrain_data.shards=pipe:cat {out}/shards/000000.tar",
+                                               f"pretrain_data.image_shards={image_dir}"])
+    with pytest.raises(ConfigError, match="image_shards / text_shards: only beside local pair shards"):
+        pretrain.build(streamed, tok)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = load_config(RunConfig, recipe, [f"pretrain_data.shards={out / 'shards'}",
+                                              f"pretrain_data.text_shards={empty}"])
+    with pytest.raises(InputError, match=r"^pretrain_data.text_shards=.*no .tar shards"):
+        pretrain.build(missing, tok)
+    both = load_config(RunConfig, recipe, [f"pretrain_data.shards={out / 'shards'}", "model.img_size=32",
+                                           f"pretrain_data.image_shards={image_dir}", "train.batch_size=4"])
+    batch = next(iter(pretrain.build(both, tok).loader(0)))
+    assert [k.startswith("img-") for k in batch["mim_keys"]] == [False, False, True, True] and "mlm_keys" not in batch
 
 
 def test_global_stream_skips_and_counts_broken_samples(world, tok, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, monomodal_shards
 
 from mm_moe.config import BEiT3Config, OptimConfig, RunConfig, TrainConfig
 from mm_moe.config_files import load_config
@@ -142,10 +142,14 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, world):
+    """A run killed during a background checkpoint write resumes to the uninterrupted run's losses and weights,
+    with EMA, gradient accumulation and monomodal image and text sources mixed into the MIM and MLM passes."""
+    images, texts = monomodal_shards(world, tmp_path / "monomodal")
     args = [sys.executable, str(ROOT / "train_mm.py"), "pretrain", "--config", str(ROOT / "configs/pretrain_demo.yaml"),
             *TINY_MODEL, "train.batch_size=8", "train.grad_accum=2",
             "train.steps=10", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=3", "optim.warmup_steps=2",
-            "train.ema_decay=0.9", f"pretrain_data.shards={world / 'shards'}", "pretrain_data.shuffle_buffer=20"]
+            "train.ema_decay=0.9", f"pretrain_data.shards={world / 'shards'}", "pretrain_data.shuffle_buffer=20",
+            f"pretrain_data.image_shards={images}", f"pretrain_data.text_shards={texts}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run([*args, f"run_dir={full}"], check=True, env=env, capture_output=True)

@@ -312,7 +312,7 @@ def test_make_shards_with_nothing_to_write_fails_and_reports_why(tmp_path, capsy
     assert "--images" in line and "wrong: not a folder" in line
     line = error_of(make_shards, ["--captions", str(tmp_path / "caps.jsonl"), "--images", str(images),
                                   "--out", str(tmp_path / "out")], capsys)
-    assert "no sample written (2 pairs read, 2 skipped)" in line
+    assert "no sample written (2 read, 2 skipped)" in line
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
@@ -322,7 +322,7 @@ def test_make_shards_skips_an_empty_caption_and_says_so(tmp_path, capsys, make_s
     assert make_shards(["--captions", str(tmp_path / "caps.jsonl"), "--images", str(images), "--out",
                         str(tmp_path / "out")]) == 0
     out = capsys.readouterr()
-    assert "wrote 1 samples" in out.out and "empty caption" in out.err and "skipped 1 of 2 pairs" in out.err
+    assert "wrote 1 samples" in out.out and "empty caption" in out.err and "skipped 1 of 2 samples" in out.err
     urls = shard_urls(tmp_path / "out")
     with tarfile.open(urls[0]) as tar:
         assert sorted(m.name for m in tar.getmembers() if m.name.endswith(".txt")) == ["a_0.txt"]

@@ -35,32 +35,33 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def shard_urls(spec: str | Path, need: int | None = None) -> list[str]:
+def shard_urls(spec: str | Path, need: int | None = None, key: str = "pretrain_data.shards") -> list[str]:
     """The shards of a directory (its .tar files) or of a brace pattern ("shards/coco-{000000..000127}.tar").
 
     Local shards must exist (a typo in a pattern is an error, not an empty run) and at least one must be a tar
-    archive; `need`: how many shards are required (ranks x workers, when shards are split, not resampled)."""
+    archive; `need`: how many shards are required (ranks x workers, when shards are split, not resampled);
+    `key`: the config key errors name."""
     if not str(spec):
-        raise InputError("pretrain_data.shards: empty; expected a directory or a brace pattern of .tar shards")
+        raise InputError(f"{key}: empty; expected a directory or a brace pattern of .tar shards")
     path = Path(spec)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
-            raise InputError(f"pretrain_data.shards={spec}: no .tar shards in this directory")
+            raise InputError(f"{key}={spec}: no .tar shards in this directory")
     else:
         urls = list(braceexpand(str(spec)))
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
-        raise InputError(f"pretrain_data.shards={spec}: {len(missing)} of {len(urls)} shard(s) do not exist "
+        raise InputError(f"{key}={spec}: {len(missing)} of {len(urls)} shard(s) do not exist "
                          f"(e.g. {', '.join(missing[:3])})")
     not_tar = [u for u in local if not tarfile.is_tarfile(u)]
     if local and len(not_tar) == len(urls):
-        raise InputError(f"pretrain_data.shards={spec}: no shard is a tar archive (e.g. {', '.join(not_tar[:3])})")
+        raise InputError(f"{key}={spec}: no shard is a tar archive (e.g. {', '.join(not_tar[:3])})")
     if not_tar:
         log.warning("%s: %d shard(s) are not tar archives and will be skipped: %s", spec, len(not_tar), not_tar[:3])
     if need is not None and len(urls) < need:
-        raise InputError(f"pretrain_data.shards={spec}: {len(urls)} shard(s) for {need} readers (processes x "
+        raise InputError(f"{key}={spec}: {len(urls)} shard(s) for {need} readers (processes x "
                          "train.num_workers), each needs its own: write more shards (make_shards.py --max-count) "
                          "or resample them (pretrain_data.epoch_batches)")
     return urls
@@ -79,32 +80,42 @@ class PretrainSample:
         self.special = set(tokenizer.all_special_ids)
         self.seed = seed
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, sample: dict, part: str = "pair") -> dict:
         try:
-            return self.prepare(sample)
+            return self.prepare(sample, part)
         except Exception as err:
             cause = str(err) if type(err) is SampleError else f"{type(err).__name__}: {err}"
             raise SampleError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: {cause}") from err
 
-    def prepare(self, sample: dict) -> dict:
+    def prepare(self, sample: dict, part: str = "pair") -> dict:
+        """`part`: "pair" (an image and its caption, for every pass), "image" (an image alone, for the MIM pass) or
+        "text" (a text alone, for the MLM pass)."""
         key = sample.get("__key__", "?")
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if image is None:
+        if image is None and part != "text":
             raise SampleError(f"no image ({'/'.join(IMAGE_EXTS)})")
         caption = sample.get("txt")
-        if not isinstance(caption, str) or not caption.strip():
-            raise SampleError("missing or empty caption (.txt)")
+        if part != "image" and (not isinstance(caption, str) or not caption.strip()):
+            raise SampleError("missing or empty caption (.txt)" if part == "pair" else "missing or empty text (.txt)")
         # randomness from (seed, shard file name, key) alone: the same sample gets the same crop and masks however
-        # the stream was split over ranks and workers, after a resume, and wherever the shards are (not the path)
+        # the stream was split over ranks and workers, after a resume, and wherever the shards are (not the path);
+        # a monomodal source's samples also by their part, apart from pairs of the same shard name and key
         shard = Path(str(sample.get("__url__", "?"))).name
-        rng = random.Random(seed_of(self.seed, shard, key))
-        ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.max_text_len)["input_ids"]
-        masks = {pass_: mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
-                                  vocab_size=len(self.tokenizer), rng=rng, prob=prob)  # one draw after the other
-                 for pass_, prob in (("mlm", self.data.mlm_prob), ("vlm", self.data.vlm_prob))}
-        image = seeded(self.transform, to_rgb(image), self.seed, shard, key)
-        return {"key": key, "image": image, "text_ids": ids, "masked_ids": masks["mlm"][0], "mlm_labels": masks["mlm"][1],
-                "vlm_ids": masks["vlm"][0], "vlm_labels": masks["vlm"][1], "patch_mask": self.masking(rng)}
+        where = (shard, key) if part == "pair" else (part, shard, key)
+        rng = random.Random(seed_of(self.seed, *where))
+        out: dict = {"key": key}
+        if part != "image":
+            ids = self.tokenizer(caption.strip(), truncation=True, max_length=self.max_text_len)["input_ids"]
+            passes = (("mlm", self.data.mlm_prob), ("vlm", self.data.vlm_prob))[:2 if part == "pair" else 1]
+            masks = {pass_: mask_text(ids, special_ids=self.special, mask_id=self.tokenizer.mask_token_id,
+                                      vocab_size=len(self.tokenizer), rng=rng, prob=prob)  # one draw after the other
+                     for pass_, prob in passes}
+            out |= {"text_ids": ids, "masked_ids": masks["mlm"][0], "mlm_labels": masks["mlm"][1]}
+            if part == "pair":
+                out |= {"vlm_ids": masks["vlm"][0], "vlm_labels": masks["vlm"][1]}
+        if part != "text":
+            out |= {"image": seeded(self.transform, to_rgb(image), self.seed, *where), "patch_mask": self.masking(rng)}
+        return out
 
 
 class Collate:

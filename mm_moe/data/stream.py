@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mm_moe.config import BEiT3Config, PretrainDataConfig
-from mm_moe.data.common import epoch_seed
+from mm_moe.constants import IGNORE_INDEX
+from mm_moe.data.common import epoch_seed, pad
 from mm_moe.data.shards import IMAGE_EXTS, Collate, PretrainSample, describe_shards
 from mm_moe.data.skips import SampleError, SkipCounter
+from mm_moe.data.transforms import seed_of
 from mm_moe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -75,12 +78,12 @@ class ShardIndex:
     `.mm_moe_index` folder beside the shards, or under the user's cache where that folder cannot be written. A cache
     entry names the shard's size and modification time: a shard rewritten since is indexed again."""
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], key: str = "pretrain_data.shards") -> None:
         self.urls = urls
         self.offsets = [self._load(Path(u)) for u in urls]
         self.counts = np.array([len(o) for o in self.offsets], dtype=np.int64)
         if not self.counts.sum():
-            raise InputError(f"pretrain_data.shards={describe_shards(urls)}: no sample in any shard")
+            raise InputError(f"{key}={describe_shards(urls)}: no sample in any shard")
 
     @staticmethod
     def _load(shard: Path) -> np.ndarray:
@@ -161,13 +164,73 @@ def _decode(ext: str, data: bytes) -> Any:
     return data
 
 
+def _read_prepared(index: ShardIndex, shard: int, j: int, prepare: PretrainSample, part: str,
+                   skips: SkipCounter) -> dict | None:
+    """Sample j of shard `shard`, read and prepared as `part`; None (skipped and counted) when it is broken."""
+    url = index.urls[shard]
+    offset, members = (int(v) for v in index.offsets[shard][j])
+    try:
+        return prepare(read_sample(url, offset, members), part)
+    except (SampleError, OSError, tarfile.TarError) as err:
+        skips(err if isinstance(err, SampleError) else SampleError(f"{url}: sample at {offset}: {err}"))
+        return None
+
+
+class MonomodalMix:
+    """BEiT-3's monomodal data beside the pairs: the MIM pass's images and the MLM pass's texts of global
+    micro-batch g are the pairs' own but for the last `per_batch` of each, taken from image-only / text-only shards
+    at positions [g x per_batch, (g + 1) x per_batch) of that source's own endless order (epochs of its own, each
+    drawn as the pairs' are). A function of g alone: the same at any world size and after a resume."""
+
+    def __init__(self, sources: dict[str, ShardIndex], data: PretrainDataConfig, batch_size: int, seed: int,
+                 prepare: PretrainSample, pad_id: int, skips: SkipCounter) -> None:
+        self.sources, self.window, self.seed = sources, data.shuffle_buffer, seed
+        self.per_batch = int(data.monomodal_share * batch_size + 0.5)
+        self.keep = batch_size - self.per_batch
+        self.prepare, self.pad_id, self.skips = prepare, pad_id, skips
+        self._order = lru_cache(maxsize=4)(self._make_order)
+
+    def _make_order(self, part: str, epoch: int) -> GlobalOrder:
+        return GlobalOrder(self.sources[part].counts, seed_of(self.seed, part) % 2**31, epoch, self.window)
+
+    def _samples(self, part: str, g: int) -> list[dict]:
+        index, out = self.sources[part], []
+        size = int(index.counts.sum())
+        for n in range(g * self.per_batch, (g + 1) * self.per_batch):
+            epoch, position = divmod(n, size)
+            if (sample := _read_prepared(index, *self._order(part, epoch)[position], self.prepare, part,
+                                         self.skips)) is not None:
+                out.append(sample)
+        return out
+
+    def __call__(self, g: int, pairs: list[dict]) -> dict:
+        """The pass inputs of global micro-batch g whose pair samples are `pairs`: mim_images / mim_patch_mask /
+        mim_keys, and mlm_text_ids (masked) / mlm_text_padding / mlm_text_labels / mlm_keys, for the sources given."""
+        out: dict = {}
+        if "image" in self.sources:
+            mixed = pairs[:self.keep] + self._samples("image", g)
+            out |= {"mim_images": torch.stack([s["image"] for s in mixed]),
+                    "mim_patch_mask": torch.stack([s["patch_mask"] for s in mixed]), "mim_keys": [s["key"] for s in mixed]}
+        if "text" in self.sources:
+            mixed = pairs[:self.keep] + self._samples("text", g)
+            out |= {"mlm_text_ids": pad([s["masked_ids"] for s in mixed], self.pad_id),
+                    "mlm_text_padding": pad([s["text_ids"] for s in mixed], self.pad_id) == self.pad_id,
+                    "mlm_text_labels": pad([s["mlm_labels"] for s in mixed], IGNORE_INDEX),
+                    "mlm_keys": [s["key"] for s in mixed]}
+        return out
+
+
 class RankBatches(Dataset):
     """Rank `rank`'s micro-batches of one epoch, item k being its k-th: a map-style dataset, so DataLoader workers
-    share them out and keep their order, and a resume starts at any k without reading what came before."""
+    share them out and keep their order, and a resume starts at any k without reading what came before.
+    `monomodal`: image-only ("image") and text-only ("text") shards mixed into the MIM and MLM passes
+    (`MonomodalMix`)."""
 
     def __init__(self, index: ShardIndex, tokenizer: Any, data: PretrainDataConfig, model: BEiT3Config, *,
-                 batch_size: int, seed: int, epoch: int, rank: int, world: int, accum: int, augment: bool = True) -> None:
+                 batch_size: int, seed: int, epoch: int, rank: int, world: int, accum: int, augment: bool = True,
+                 monomodal: dict[str, ShardIndex] | None = None) -> None:
         self.index, self.batch_size, self.rank, self.world, self.accum = index, batch_size, rank, world, accum
+        self.epoch = epoch
         self.order = GlobalOrder(index.counts, seed, epoch, data.shuffle_buffer)
         self.steps = self.order.size // (batch_size * world * accum)
         if not self.steps:
@@ -176,6 +239,8 @@ class RankBatches(Dataset):
         self.prepare = PretrainSample(tokenizer, data, model, epoch_seed(seed, epoch), augment)
         self.skips = SkipCounter(describe_shards(index.urls))
         self.collate = Collate(tokenizer.pad_token_id, self.skips)
+        self.mix = MonomodalMix(monomodal, data, batch_size, seed, self.prepare, tokenizer.pad_token_id,
+                                self.skips) if monomodal else None
 
     def __len__(self) -> int:
         return self.steps * self.accum
@@ -187,18 +252,13 @@ class RankBatches(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         first = self.chunk(k) * self.batch_size
-        samples = []
-        for position in range(first, first + self.batch_size):
-            shard, j = self.order[position]
-            url = self.index.urls[shard]
-            offset, members = (int(v) for v in self.index.offsets[shard][j])
-            try:
-                samples.append(self.prepare(read_sample(url, offset, members)))
-            except (SampleError, OSError, tarfile.TarError) as err:
-                self.skips(err if isinstance(err, SampleError) else SampleError(f"{url}: sample at {offset}: {err}"))
+        samples = [s for position in range(first, first + self.batch_size)
+                   if (s := _read_prepared(self.index, *self.order[position], self.prepare, "pair", self.skips)) is not None]
         if not samples:  # the trainer passes over it, counting the skips; `IndexedEpoch` keeps the causes
             return {"num_skipped": self.skips.take(), "failures": self.skips.first[:3]}
-        return self.collate(samples)
+        # the mix goes by the micro-batch's number counted over every epoch so far
+        mixed = self.mix(self.epoch * self.steps * self.accum * self.world + self.chunk(k), samples) if self.mix else {}
+        return self.collate(samples) | mixed
 
 
 class IndexedEpoch:
@@ -232,5 +292,5 @@ def local_shards(urls: list[str]) -> bool:
     return all("://" not in u and not u.startswith("pipe:") for u in urls)
 
 
-__all__ = ["index_shard", "ShardIndex", "GlobalOrder", "read_sample", "RankBatches", "IndexedEpoch", "local_shards",
-           "INDEX_DIR"]
+__all__ = ["index_shard", "ShardIndex", "GlobalOrder", "read_sample", "MonomodalMix", "RankBatches", "IndexedEpoch",
+           "local_shards", "INDEX_DIR"]

@@ -28,9 +28,13 @@ def pretrain_loss(weights: ObjectivesConfig) -> Callable[..., TaskOutput]:
 
     def loss_fn(model: nn.Module, batch: dict, stats: bool = False) -> TaskOutput:
         losses, aux, layer_stats, logits = {}, 0.0, {}, None
+        # the MLM and MIM passes take monomodal texts / images where the batch has them (`MonomodalMix`)
         passes = {
-            "mlm": dict(text_ids=batch["masked_ids"], text_padding=batch["text_padding"], mlm_labels=batch["mlm_labels"]),
-            "mim": dict(images=batch["images"], patch_mask=batch["patch_mask"]),
+            "mlm": dict(text_ids=batch["mlm_text_ids"], text_padding=batch["mlm_text_padding"],
+                        mlm_labels=batch["mlm_text_labels"]) if "mlm_text_ids" in batch else
+            dict(text_ids=batch["masked_ids"], text_padding=batch["text_padding"], mlm_labels=batch["mlm_labels"]),
+            "mim": dict(images=batch.get("mim_images", batch["images"]),
+                        patch_mask=batch.get("mim_patch_mask", batch["patch_mask"])),
             "vlm": dict(images=batch["images"], text_ids=batch["vlm_ids"], text_padding=batch["text_padding"],
                         mlm_labels=batch["vlm_labels"]),
         }
@@ -54,18 +58,28 @@ def build(cfg: RunConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> Task
     rank reading its own shards (or resampling them, `pretrain_data.epoch_batches`)."""
     d, t = cfg.pretrain_data, cfg.train
     urls = shard_urls(d.shards)
+    extra = {part: spec for part, spec in (("image", d.image_shards), ("text", d.text_shards)) if spec}
     if local_shards(urls):
         if d.epoch_batches is not None:
             raise ConfigError("pretrain_data.epoch_batches: only for remote (streamed) shards; local shards are read "
                               "by global position and an epoch is one pass over all their samples")
         index = ShardIndex(urls)
+        monomodal = {}
+        for part, spec in extra.items():
+            key = f"pretrain_data.{part}_shards"
+            mono_urls = shard_urls(spec, key=key)
+            if not local_shards(mono_urls):
+                raise ConfigError(f"{key}={spec}: monomodal shards must be local files (they are read by position)")
+            monomodal[part] = ShardIndex(mono_urls, key=key)
 
-        def indexed(epoch: int) -> IndexedEpoch:
+        def loader(epoch: int) -> IndexedEpoch:
             return IndexedEpoch(RankBatches(index, tokenizer, d, cfg.model, batch_size=t.batch_size, seed=t.seed,
-                                            epoch=epoch, rank=rank, world=world, accum=t.grad_accum), t.num_workers)
-
-        loader = indexed
+                                            epoch=epoch, rank=rank, world=world, accum=t.grad_accum,
+                                            monomodal=monomodal), t.num_workers)
     else:
+        if extra:
+            raise ConfigError("pretrain_data.image_shards / text_shards: only beside local pair shards (read by "
+                              f"position), not streamed ones ({d.shards})")
         urls = shard_urls(d.shards, need=None if d.epoch_batches else world * max(1, t.num_workers))
 
         def loader(epoch: int):
