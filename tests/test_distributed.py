@@ -533,9 +533,17 @@ def test_two_nodes_on_localhost_restart_a_killed_worker_and_auto_resume(runs, tm
         torch.testing.assert_close(got[name], value, atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_restart_hazard_names_the_shared_store():
-    """torchrun with restarts and the agent's shared store gets the warning; without restarts, or with a store per
-    attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun tell its workers USE_AGENT_STORE=False), none."""
+def test_restart_hazard_names_the_shared_store(runs, tmp_path):
+    """torchrun with restarts and the agent's shared store gets the warning, through the training command; without
+    restarts, or with a store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun tell its workers
+    USE_AGENT_STORE=False), none."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          "--max-restarts=1", str(ROOT / "train_mm.py"), *runs.args("pretrain"), *TINY,
+                          "train.steps=1", f"run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"},
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning: torchrun --max-restarts shares one store" in res.stderr
     hazard = restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
     assert hazard is not None and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard
     assert restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
