@@ -97,6 +97,7 @@ def plot(results: list[dict], out: Path) -> Path:
             sds = [(sum((v - m) ** 2 for v in by_e[e]) / max(1, len(by_e[e]) - 1)) ** 0.5 for e, m in zip(es, means, strict=True)]
             ax.errorbar(es, means, yerr=sds, marker="o", capsize=3, label=model)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["experts"] for r in results}), [str(e) for e in sorted({r["experts"] for r in results})])
         ax.set_xlabel("experts")
         ax.set_title(title, fontsize=10)
     axes[0].legend()
