@@ -22,6 +22,7 @@ from mm_moe.engine.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
+    load_training_state,
     load_weights,
     resolve_checkpoint,
     save_checkpoint,
@@ -87,6 +88,32 @@ def test_checkpoints_are_atomic_pruned_and_keep_tied_weights(tmp_path):
     assert fresh.mlm.embedding.weight is fresh.beit3.text.tokens.weight
     assert torch.load(tmp_path / "step-00000003" / "trainer.pt", weights_only=True)["step"] == 3
     assert verify_checkpoint(tmp_path / "step-00000003") == []
+
+
+def test_a_parameter_without_gradients_resumes_without_optimizer_state(tmp_path):
+    """A fine-tuning run whose model holds a parameter it never trains (BEiT-3's mask token outside pretraining)
+    saves no optimizer state for it; its resume loads the rest and continues exactly as the run would have."""
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 3)})
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, opt, seed: int) -> None:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        opt.zero_grad()
+        model["used"](x).square().sum().backward()
+        opt.step()
+
+    model, opt = make()
+    step(model, opt, 1)
+    save_checkpoint(tmp_path, 1, model, {}, optimizer=opt, trainer_state={"step": 1})
+    step(model, opt, 2)
+    resumed, resumed_opt = make()
+    load_training_state(tmp_path / "step-00000001", resumed, resumed_opt)
+    assert set(resumed_opt.state) == {resumed["used"].weight, resumed["used"].bias}  # as the saving run had
+    step(resumed, resumed_opt, 2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def _linear_task(batches: list[dict]) -> Task:

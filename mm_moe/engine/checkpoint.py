@@ -47,7 +47,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -400,6 +405,17 @@ def verify_checkpoint(ckpt: str | Path, hashes: bool = True) -> list[str]:
     return problems
 
 
+def _keep_saved_optimizer_state(optim_sd: dict, saved: dict) -> list[str]:
+    """Drop from the optimizer state to load the parameters that have none in the checkpoint, and name them: a
+    parameter that never had a gradient (the pretraining mask token when fine-tuning) has no optimizer state when a
+    run saves, but DCP's state dict of a fresh optimizer gives every parameter one. The restored optimizer then has
+    none for it either, as the saving run had. A parameter with part of its state missing still fails the load."""
+    dropped = [name for name in optim_sd["state"] if not any(k.startswith(f"optim.state.{name}.") for k in saved)]
+    for name in dropped:
+        del optim_sd["state"][name]
+    return dropped
+
+
 def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         ema: nn.Module | None = None) -> dict[str, Any]:
     """Restore model, optimizer, EMA and this rank's RNG from a checkpoint (collective); returns trainer.pt.
@@ -409,13 +425,16 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.opt
     state, names = _sharded_state(model, optimizer, ema)
     try:
         with _one_process_ok():
-            dcp.load(state, storage_reader=SafeReader(ckpt / "dcp"), planner=SafeLoadPlanner(),
-                     no_dist=not dist.is_initialized())
+            reader = SafeReader(ckpt / "dcp")
+            stateless = _keep_saved_optimizer_state(state["optim"], reader.read_metadata().state_dict_metadata)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP's wrapper of rank failures is a BaseException
         raise CheckpointError(f"{ckpt / 'dcp'}: cannot be loaded into this model ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
     _map_experts(state, names, lambda t: t.to_local())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # every model key was loaded (DCP fails on a missing one): relaxed only for the parameters without optimizer state
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not stateless))
     if ema is not None:
         ema.load_state_dict(state["ema"])
     rank, _ = _rank_world()
