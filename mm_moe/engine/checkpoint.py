@@ -410,7 +410,9 @@ def _keep_saved_optimizer_state(optim_sd: dict, saved: dict) -> list[str]:
     parameter that never had a gradient (the pretraining mask token when fine-tuning) has no optimizer state when a
     run saves, but DCP's state dict of a fresh optimizer gives every parameter one. The restored optimizer then has
     none for it either, as the saving run had. A parameter with part of its state missing still fails the load."""
-    dropped = [name for name in optim_sd["state"] if not any(k.startswith(f"optim.state.{name}.") for k in saved)]
+    prefix = "optim.state."
+    with_state = {k[len(prefix):].rsplit(".", 1)[0] for k in saved if k.startswith(prefix)}  # name.field keys
+    dropped = [name for name in optim_sd["state"] if name not in with_state]
     for name in dropped:
         del optim_sd["state"][name]
     return dropped
