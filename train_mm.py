@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from mm_moe.config import RunConfig
 from mm_moe.config_files import load_config
-from mm_moe.errors import ConfigError, run_reporting
+from mm_moe.errors import ConfigError, Preempted, run_reporting
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -113,6 +114,10 @@ def train(args: argparse.Namespace, cfg: RunConfig) -> None:
     if info.is_main and trainer.scores:
         print(json.dumps(trainer.scores, indent=2))
     finish_distributed()
+    if trainer.stopped_by is not None:
+        raise Preempted(f"stopped by {trainer.stopped_by} after step {trainer.step} of {cfg.train.steps}, checkpoint "
+                        f"written: --resume (or --auto-resume) continues {cfg.run_dir}",
+                        signal.Signals[trainer.stopped_by])
 
 
 def init_summary(path: str, report: dict[str, list[str]]) -> str:

@@ -18,6 +18,16 @@ class RunStopped(RuntimeError):
     the CLIs print it like an InputError."""
 
 
+class Preempted(RunStopped):
+    """A run stopped early by a scheduler's signal, after a checkpoint: resumable, but not finished. The CLIs exit
+    with 128 + the signal's number, the status the shell gives a process ended by that signal, so a wrapper (a
+    script's `train && eval`, a sweep marking runs done) never mistakes it for a finished run."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
 def one_line(err: BaseException) -> str:
     """The message of an error on one line; for one re-raised from a DataLoader worker (whose message is the
     worker's traceback), the original message."""
@@ -30,12 +40,12 @@ def one_line(err: BaseException) -> str:
 
 def run_reporting(prog: str, work: Callable[[], Any]) -> int:
     """A CLI's work: exit status 0 when done; an InputError or RunStopped is printed as `prog: error: message` on
-    one line (no traceback) and gives 1."""
+    one line (no traceback) and gives 1 (a Preempted run: 128 + its signal's number)."""
     try:
         work()
     except (InputError, RunStopped) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return err.exit_status if isinstance(err, Preempted) else 1
     return 0
 
 
@@ -43,4 +53,4 @@ class ConfigError(InputError):
     """A config value, key or file that cannot be used; the message names where it came from."""
 
 
-__all__ = ["InputError", "ConfigError", "RunStopped", "one_line", "run_reporting"]
+__all__ = ["InputError", "ConfigError", "RunStopped", "Preempted", "one_line", "run_reporting"]

@@ -409,8 +409,6 @@ class Trainer:
                 if stop:
                     self.finish_checkpoint()
                     self.stopped_by = signal.Signals(self._signal or signal.SIGTERM).name
-                    log.warning("%s: stopped by %s after step %d, checkpoint written; --resume continues", self.run_dir,
-                                self.stopped_by, self.step)
                     return
                 if self.task.evaluation is not None and (self.step == cfg.steps or (
                         cfg.eval_every is not None and self.step % cfg.eval_every == 0)):
