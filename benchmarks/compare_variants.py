@@ -1,6 +1,6 @@
 """Dense and six MoE variants of the tiny BEiT-3, matched in active FLOPs, trained the same way over several seeds.
 
-    python benchmarks/compare_variants.py --seeds 3 --jobs 2 --out runs/compare   # writes compare.md, compare.json
+    python benchmarks/compare_variants.py --seeds 3 --jobs 2 --out runs/compare   # compare.md, .json and .png
     python benchmarks/compare_variants.py --seeds 3 --out runs/compare --report   # the table of the runs finished so far
 
 The variants are `mm_moe.moe.matched_variants` of the tiny model's dense FFN (MoE in every other layer): SMoE,
@@ -32,8 +32,12 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import matplotlib
 import webdataset as wds
 import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,8 +47,9 @@ import train_mm
 from mm_moe.analysis import analyze
 from mm_moe.config import BEiT3Config, FFNConfig
 from mm_moe.config_files import load_config
-from mm_moe.data import first_batches, load_tokenizer, world_files, write_world
+from mm_moe.data import first_batches, load_tokenizer, read_nlvr2, world_files, write_world
 from mm_moe.engine import load_run_config, read_metrics, resolve_checkpoint
+from mm_moe.eval import nlvr2_metrics, text_only_predictions
 from mm_moe.inference import load_pretraining_model
 from mm_moe.moe import ffn_cost, matched_variants
 
@@ -114,7 +119,7 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
         if not steps or (out / "done").is_file():
             continue
         init = [] if stage == "pretrain" else ["--init", str(run / "pretrain")]
-        extra = [f"train.eval_every={max(1, steps // 4)}"] if stage == "vqa" else []
+        extra = [f"train.eval_every={max(1, steps // 4)}"] if stage in ("vqa", "nlvr2") else []
         if stage == "easyvqa":  # the recipe's stem is conv; the weights to load have the pretraining's
             extra = [f"model.vision_stem={load_run_config(resolve_checkpoint(run / 'pretrain')).model.vision_stem}"]
         code = train_mm.main([*head, *init, *common, *extra, f"train.steps={steps}", "--auto-resume",
@@ -126,7 +131,8 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
     batches = first_batches(heldout_shards(args.world), load_tokenizer(), cfg.model, 6, seed=123, shuffle_buffer=1)
     report = analyze(model, batches, run / "analysis")
     speeds = [r["tokens_per_s"] for _, r in sorted(read_metrics(run / "pretrain").items()) if "tokens_per_s" in r]
-    vqa_curve = {s: r["vqa_val_accuracy"] for s, r in sorted(read_metrics(run / "vqa").items()) if "vqa_val_accuracy" in r}
+    curves = {stage: {str(s): r[key] for s, r in sorted(read_metrics(run / stage).items()) if key in r}  # as in JSON
+              for stage, key in (("vqa", "vqa_val_accuracy"), ("nlvr2", "nlvr2_dev_accuracy"))}
 
     def score(stage: str, key: str) -> float | None:
         path = run / stage / "eval.json"
@@ -139,7 +145,7 @@ def run_one(name: str, moe: FFNConfig | None, seed: int, args: argparse.Namespac
            "activation_by_modality": report.get("activation_ratio_by_modality"),
            "top1_disabled": report.get("top1_disabled", {}).get("perplexity_ratio"),
            "tokens_per_s": statistics.median(speeds[1:] or speeds),  # the first window includes the warm-up
-           "vqa_curve": vqa_curve, "seconds": time.perf_counter() - t0}
+           "vqa_curve": curves["vqa"], "nlvr2_curve": curves["nlvr2"], "seconds": time.perf_counter() - t0}
     result.write_text(json.dumps(out, indent=2))
     return out
 
@@ -166,6 +172,44 @@ def table(results: list[dict], configs: dict[str, FFNConfig | None], d_model: in
         flops = ffn_cost(moe or dense, d_model).flops / 1e6
         lines.append(f"| {name} | {rows[0]['params'] / 1e6:.2f}M | {flops:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_seed(results: list[dict], configs: dict[str, FFNConfig | None]) -> str:
+    """The markdown table of every run's own figures (the rows of `table` are their mean ± sd)."""
+    keys = [c for c in COLUMNS if c[0] not in ("easyvqa", "tokens_per_s")]
+    lines = ["| variant | seed | " + " | ".join(title for _, title, _, _ in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name in configs:
+        for r in sorted((r for r in results if r["variant"] == name), key=lambda r: r["seed"]):
+            cells = ["" if r[key] is None else f"{r[key] * scale:.{digits}f}" for key, _, digits, scale in keys]
+            lines.append(f"| {name} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], configs: dict[str, FFNConfig | None], text_only: float, out: Path) -> Path:
+    """VQA and NLVR2 validation accuracy over fine-tuning steps: each variant's mean over seeds (its seeds thin),
+    NLVR2 beside what the statement's wording alone scores."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "vqa_curve", "VQA val accuracy"), (axes[1], "nlvr2_curve", "NLVR2 dev accuracy")):
+        for i, name in enumerate(configs):
+            curves = [r.get(key) or {} for r in results if r["variant"] == name]
+            steps = sorted({int(s) for c in curves for s in c})
+            if not steps:
+                continue
+            color = f"C{i}"
+            for c in curves:
+                ax.plot([int(s) for s in c], list(c.values()), color=color, alpha=0.25, lw=0.8)
+            means = [statistics.mean(c[str(s)] for c in curves if str(s) in c) for s in steps]
+            ax.plot(steps, means, color=color, marker="o", ms=3, label=name)
+        if key == "nlvr2_curve":
+            ax.axhline(text_only, color="k", ls="--", lw=0.8, label="wording alone")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,12 +247,17 @@ def main(argv: list[str] | None = None) -> None:
             futures = [pool.submit(run_one, name, moe, seed, args, threads) for seed in range(args.seeds)
                        for name, moe in configs.items()]
             results = [f.result() for f in futures]
-    text = table(results, configs, base.d_model, base.ffn.hidden)
+    text = table(results, configs, base.d_model, base.ffn.hidden) + "\n\n" + per_seed(results, configs)
+    nlvr2 = world_files(args.world)
+    train, dev = read_nlvr2(nlvr2["data.nlvr2_train"]), read_nlvr2(nlvr2["data.nlvr2_dev"])
+    text_only = nlvr2_metrics(dev, text_only_predictions(train, dev))["accuracy"]
+    text += f"\n\nNLVR2 dev accuracy of the statement's wording alone (its training majority label): {text_only:.1f}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "minutes": None if args.report else (time.perf_counter() - t0) / 60,
                                                        "runs": results}, indent=2))
     (args.out / "compare.md").write_text(text + "\n")
+    plot(results, configs, text_only, args.out / "compare.png")
     print(text)
     took = "" if args.report else f" in {(time.perf_counter() - t0) / 60:.1f} min ({args.jobs} at a time)"
     print(f"{len(results)} runs{took}")

@@ -187,6 +187,7 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     for r in runs:
         assert all(math.isfinite(r[k]) for k in ("mlm_loss", "vqa", "nlvr2", "easyvqa", "tokens_per_s")), r
         assert sorted(r["vqa_curve"]) == ["1", "2", "3", "4"]  # validated every quarter of the steps
+        assert sorted(r["nlvr2_curve"]) == ["1", "2"] and r["nlvr2_curve"]["2"] == r["nlvr2"]
         assert (r["activation_ratio"] is None) == (r["variant"] == "dense")
     cart = next(r for r in runs if r["variant"] == "cartesian")
     assert 0 < cart["activation_ratio"] <= 1 and cart["top1_disabled"] > 0
@@ -197,6 +198,10 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
         assert row, table
         losses = [r["mlm_loss"] for r in runs if r["variant"] == variant]
         assert float(row.group(1)) == pytest.approx(sum(losses) / 2, abs=1e-3)
+    for r in runs:  # every run's own figures, below the means
+        assert f"| {r['variant']} | {r['seed']} | {r['mlm_loss']:.3f} | {r['vqa']:.1f} | {r['nlvr2']:.1f} |" in table
+    assert re.search(r"^NLVR2 dev accuracy of the statement's wording alone .*: [\d.]+$", table, re.M)
+    assert (out / "compare.png").stat().st_size > 0
     seeds = [r for r in runs if r["variant"] == "dense"]
     assert seeds[0]["mlm_loss"] != seeds[1]["mlm_loss"]  # the seed reaches the weights
     (out / "cartesian-seed1" / "result.json").unlink()  # --report tabulates what is finished and runs nothing

@@ -15,7 +15,8 @@ from mm_moe.config import BEiT3Config
 from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.errors import InputError
-from mm_moe.eval import nlvr2_metrics, read_predictions, score_captions, shard_indices, write_predictions
+from mm_moe.eval import (nlvr2_metrics, read_predictions, score_captions, shard_indices, text_only_predictions,
+                         write_predictions)
 from mm_moe.model import BeamConfig, BEiT3ForCaptioning, CaptionDecoder
 
 
@@ -124,6 +125,19 @@ def test_nlvr2_accuracy_and_consistency_as_the_official_script(tmp_path):
     (tmp_path / "bad.csv").write_text("dev-1-0-0,True\ndev-1-1-0,maybe\n")
     with pytest.raises(InputError, match=re.escape("bad.csv:2: expected 'identifier,True|False', got 'dev-1-1-0,maybe'")):
         read_predictions(tmp_path / "bad.csv")
+
+
+def test_the_nlvr2_text_only_baseline_answers_each_wording_with_its_training_majority():
+    """Hand-worked: "a" is True 2 of 3 times in training, "b" False; "c" never seen takes training's majority
+    label (False, 3 of 5); the wording is matched without case or surrounding spaces."""
+    train = [{"sentence": "a", "label": "True"}, {"sentence": "a", "label": "True"}, {"sentence": "A ", "label": False},
+             {"sentence": "b", "label": "False"}, {"sentence": "b", "label": False}]
+    dev = [{"identifier": "dev-0-0-0", "sentence": "a", "label": "True"},
+           {"identifier": "dev-0-1-0", "sentence": " B", "label": "True"},
+           {"identifier": "dev-0-2-0", "sentence": "c", "label": "False"}]
+    predictions = text_only_predictions(train, dev)
+    assert predictions == {"dev-0-0-0": "True", "dev-0-1-0": "False", "dev-0-2-0": "False"}
+    assert nlvr2_metrics(dev, predictions)["accuracy"] == pytest.approx(200 / 3)
 
 
 def test_shard_indices_cover_the_split_once_in_order_with_equal_slices():

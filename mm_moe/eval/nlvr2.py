@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from mm_moe.errors import InputError
@@ -40,6 +41,18 @@ def nlvr2_metrics(rows: list[dict], predictions: dict[str, bool | str]) -> dict[
     return {"accuracy": 100 * correct / len(rows), "consistency": 100 * sum(consistent.values()) / len(consistent)}
 
 
+def text_only_predictions(train: list[dict], rows: list[dict]) -> dict[str, str]:
+    """The text-only baseline: each statement answered with the label its exact wording (lower-cased) has most
+    often in `train`, and an unseen wording with train's most common label. Templated statements leak their
+    label this way; a model must beat this, not chance, to show it reads the images."""
+    by_text: dict[str, Counter] = {}
+    for r in train:
+        by_text.setdefault(r["sentence"].strip().lower(), Counter())[str(r["label"])] += 1
+    overall = Counter(str(r["label"]) for r in train).most_common(1)[0][0]
+    return {r["identifier"]: by_text[text].most_common(1)[0][0] if (text := r["sentence"].strip().lower()) in by_text
+            else overall for r in rows}
+
+
 def write_predictions(path: str | Path, predictions: dict[str, bool]) -> None:
     """The official predictions CSV: one `identifier,True|False` line per example, no header."""
     Path(path).write_text("".join(f"{i},{p}\n" for i, p in predictions.items()))
@@ -61,4 +74,4 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     return out
 
 
-__all__ = ["consistency_key", "nlvr2_metrics", "write_predictions", "read_predictions"]
+__all__ = ["consistency_key", "nlvr2_metrics", "text_only_predictions", "write_predictions", "read_predictions"]
