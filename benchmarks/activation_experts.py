@@ -22,8 +22,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -33,7 +31,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_variants import ROOT, base_model, heldout_shards, mean_sd, run_one
+from compare_variants import ROOT, base_model, heldout_shards, mean_sd, run_one, run_pool
 
 from mm_moe.config import FFNConfig
 from mm_moe.data import write_world
@@ -135,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                    if (args.out / f"{name}-seed{seed}" / "result.json").is_file()]
     else:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            results = [f.result() for f in [pool.submit(measure, *job, args, threads) for job in jobs]]
+        results = run_pool(measure, [(*job, args, threads) for job in jobs], args.jobs)
     text = table(results, list(runs))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "activation.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

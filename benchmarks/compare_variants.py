@@ -14,23 +14,29 @@ tokens), the CartesianMoE paper's robustness figure (perplexity with every token
 normal perplexity) and pretraining tokens/s. The world's VQA is validated four times during fine-tuning, so
 compare.json shows whether the budget is long enough for the dense model's accuracy to have stopped rising.
 Runs go `--jobs` at a time with the cores split between them (tokens/s are then per process and noisy;
-`bench_train.py` has interleaved throughput ratios); finished runs are kept and skipped when rerun.
+`bench_train.py` has interleaved throughput ratios); finished runs are kept and skipped when rerun. Killing the
+sweep (on Linux, even its main process alone) stops each running stage at its next step with a checkpoint, and
+a rerun resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import webdataset as wds
@@ -174,6 +180,34 @@ def table(results: list[dict], configs: dict[str, FFNConfig | None], d_model: in
     return "\n".join(lines)
 
 
+def _end_with(parent: int) -> None:
+    """Pool-worker initializer: on Linux the worker gets SIGTERM when the sweep's process `parent` ends (killed,
+    crashed), so its run stops at the next step with a checkpoint (train_mm.py's preemption path, exit 143: not
+    marked done) instead of training on, and writing into the run folders, unseen."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it ended before the request was in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _orphan_exits(parent: int, work: Callable, *job) -> Any:
+    """work(*job) in a pool worker, which exits after it when the sweep has ended (else it would wait forever for a
+    next job: its copy of the job queue's write end keeps the queue open)."""
+    try:
+        return work(*job)
+    finally:
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def run_pool(work: Callable, jobs: list[tuple], workers: int) -> list:
+    """work(*job) for every job, `workers` at a time in spawned processes that end with this one; results in order."""
+    parent = os.getpid()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_end_with,
+                             initargs=(parent,)) as pool:
+        return [f.result() for f in [pool.submit(_orphan_exits, parent, work, *job) for job in jobs]]
+
+
 def per_seed(results: list[dict], configs: dict[str, FFNConfig | None]) -> str:
     """The markdown table of every run's own figures (the rows of `table` are their mean ± sd)."""
     keys = [c for c in COLUMNS if c[0] not in ("easyvqa", "tokens_per_s")]
@@ -243,10 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         results = [json.loads(path.read_text()) for seed in range(args.seeds) for name in configs
                    if (path := args.out / f"{name}-seed{seed}" / "result.json").is_file()]
     else:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, name, moe, seed, args, threads) for seed in range(args.seeds)
-                       for name, moe in configs.items()]
-            results = [f.result() for f in futures]
+        results = run_pool(run_one, [(name, moe, seed, args, threads) for seed in range(args.seeds)
+                                     for name, moe in configs.items()], args.jobs)
     text = table(results, configs, base.d_model, base.ffn.hidden) + "\n\n" + per_seed(results, configs)
     nlvr2 = world_files(args.world)
     train, dev = read_nlvr2(nlvr2["data.nlvr2_train"]), read_nlvr2(nlvr2["data.nlvr2_dev"])

@@ -10,6 +10,7 @@ import mmap
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,46 @@ def test_compare_variants_reports_mean_and_spread_over_seeds(tmp_path):
     again = subprocess.run([*cmd, "--report"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "3 runs" in again and not (out / "cartesian-seed1" / "result.json").exists()
     assert re.search(r"^\| cartesian \| [\d.]+M \| [\d.]+ \| [\d.]+ \|", again, re.M)  # one seed: no spread
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' end with the sweep uses prctl")
+def test_a_killed_sweep_stops_its_runs_with_a_checkpoint_and_marks_nothing_done(tmp_path):
+    """SIGKILL of compare_variants.py's own process (no handler runs): its pool worker gets SIGTERM, so the run in
+    it stops at the next step with a checkpoint, is not marked done, and no process is left training."""
+    from mm_moe.data import write_world
+    from mm_moe.engine import latest_checkpoint
+
+    world = tmp_path / "world"
+    write_world(world, n_train=40, n_val=4, n_test=4, n_pairs_train=40, n_pairs_dev=4, size=32, shard_count=8)
+    out = tmp_path / "compare"
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "compare_variants.py"), "--world", str(world),
+                              "--out", str(out), "--seeds", "1", "--jobs", "1", "--variants", "dense", "--batch-size",
+                              "8", "--pretrain-steps", "5000", "--vqa-steps", "0", "--nlvr2-steps", "0",
+                              "--easyvqa-steps", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "dense-seed0" / "pretrain"
+    t0 = time.time()
+    while not (run / "metrics.jsonl").is_file() and time.time() - t0 < 180:
+        time.sleep(0.5)
+    assert (run / "metrics.jsonl").is_file(), "the sweep did not start training"
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == sweep.pid]
+    sweep.kill()
+    sweep.wait()
+    t0 = time.time()
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    stopped = latest_checkpoint(run)
+    assert stopped is not None and int(stopped.name[5:]) < 5000
+    assert not (run / "done").exists() and not (out / "dense-seed0" / "result.json").exists()
+
+
+def _parent(proc: Path) -> int | None:
+    """The parent pid of /proc/PID, or None once the process is gone."""
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
 
 
 def test_activation_experts_reports_both_bars_entropy_and_robustness_over_seeds(tmp_path, monkeypatch):

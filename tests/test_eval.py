@@ -15,8 +15,7 @@ from mm_moe.config import BEiT3Config
 from mm_moe.config_files import load_config
 from mm_moe.data import load_tokenizer
 from mm_moe.errors import InputError
-from mm_moe.eval import (nlvr2_metrics, read_predictions, score_captions, shard_indices, text_only_predictions,
-                         write_predictions)
+from mm_moe.eval import nlvr2_metrics, read_predictions, score_captions, shard_indices, text_only_predictions, write_predictions
 from mm_moe.model import BeamConfig, BEiT3ForCaptioning, CaptionDecoder
 
 
