@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import alive, children
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import build_ffn
@@ -231,24 +232,16 @@ def test_a_killed_sweep_stops_its_runs_with_a_checkpoint_and_marks_nothing_done(
     while not (run / "metrics.jsonl").is_file() and time.time() - t0 < 180:
         time.sleep(0.5)
     assert (run / "metrics.jsonl").is_file(), "the sweep did not start training"
-    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == sweep.pid]
+    workers = children(sweep.pid)
     sweep.kill()
     sweep.wait()
     t0 = time.time()
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() - t0 < 60:
+    while any(map(alive, workers)) and time.time() - t0 < 60:
         time.sleep(0.5)
-    assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert workers and not any(map(alive, workers))
     stopped = latest_checkpoint(run)
     assert stopped is not None and int(stopped.name[5:]) < 5000
     assert not (run / "done").exists() and not (out / "dense-seed0" / "result.json").exists()
-
-
-def _parent(proc: Path) -> int | None:
-    """The parent pid of /proc/PID, or None once the process is gone."""
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
 
 
 def test_activation_experts_reports_both_bars_entropy_and_robustness_over_seeds(tmp_path, monkeypatch):

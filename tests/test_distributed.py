@@ -22,6 +22,7 @@ from pathlib import Path
 import dist_workers
 import pytest
 import torch
+from processes import alive, children, cmdline
 from safetensors.torch import load_file
 from tiny import TINY_MODEL, tiny_world
 
@@ -329,29 +330,6 @@ def _wait_for_records(run: Path, n: int, proc: subprocess.Popen, limit: float = 
     raise AssertionError(f"{run}: no {n} records before the run ended or {limit} s passed")
 
 
-def _workers(launcher: subprocess.Popen) -> list[int]:
-    """The pids of torchrun's worker processes (its agent's children)."""
-    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
-def _cmdline(pid: int) -> bytes:
-    """Process `pid`'s command line (empty once it has ended)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return b""
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def _launch(args: list[str], nproc: int) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
@@ -368,13 +346,13 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(runs, tmp_path):
                     f"run_dir={run}"], WORLD)
     try:
         _wait_for_records(run, 1, proc)
-        workers = _workers(proc)
+        workers = children(proc.pid)
         frozen, other = workers[-1], workers[0]
         os.kill(frozen, signal.SIGSTOP)
         t0 = time.time()
-        while _alive(other) and time.time() - t0 < 100:  # the other rank gives up after the timeout ...
+        while alive(other) and time.time() - t0 < 100:  # the other rank gives up after the timeout ...
             time.sleep(0.2)
-        assert not _alive(other) and time.time() - t0 < 100
+        assert not alive(other) and time.time() - t0 < 100
         os.kill(frozen, signal.SIGKILL)  # ... then torchrun would wait for the stopped one, which we end
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0
@@ -395,12 +373,13 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_exits_143(runs, tmp_pa
     run = tmp_path / f"preempted{nproc}"
     proc = _launch([*args, f"run_dir={run}"], nproc)
     _wait_for_records(run, 2, proc)
-    for pid in _workers(proc) if nproc > 1 else [proc.pid]:
+    for pid in children(proc.pid) if nproc > 1 else [proc.pid]:
         os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     ckpt = latest_checkpoint(run)
+    assert ckpt is not None
     stopped = int(ckpt.name[5:])
-    assert ckpt is not None and 2 <= stopped < 24
+    assert 2 <= stopped < 24
     assert f"train_mm.py: error: stopped by SIGTERM after step {stopped} of 24, checkpoint written" in err, err[-3000:]
     if nproc == 1:
         assert proc.returncode == 143
@@ -516,7 +495,7 @@ def test_two_nodes_on_localhost_restart_a_killed_worker_and_auto_resume(runs, tm
         while not (run / "step-00000003").is_dir() and time.time() < deadline:
             assert all(a.poll() is None for a in agents), (tmp_path / "agent0.log").read_text()[-3000:]
             time.sleep(0.05)
-        workers = [pid for pid in _workers(agents[1]) if b"train_mm.py" in _cmdline(pid)]
+        workers = [pid for pid in children(agents[1].pid) if b"train_mm.py" in cmdline(pid)]
         assert workers, "the second node has no worker"
         os.kill(workers[0], signal.SIGKILL)
         for a in agents:
