@@ -122,6 +122,21 @@ def test_count_ids_equals_bincount_of_the_kept_ids():
         assert count_ids(ids, 9, m).tolist() == torch.bincount(kept, minlength=9).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_sums_are_each_groups_row_sums_accumulated_in_float32(dtype):
+    """Against plain per-group sums, an empty group included; bf16 rows are summed in float32 (4096 ones: a bf16
+    accumulator would stop at 256)."""
+    g = torch.randn(10, 3).to(dtype)
+    offs = torch.tensor([3, 3, 7, 10], dtype=torch.int32)
+    expected = torch.stack([g[s:e].float().sum(0) for s, e in zip([0, 3, 3, 7], [3, 3, 7, 10], strict=True)])
+    out = grouped_mm_ops.group_sums(g, offs)
+    assert out.dtype == dtype and not out[1].any()
+    torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)
+    ones = torch.ones(4096, 2, dtype=dtype)
+    sums = grouped_mm_ops.group_sums(ones, torch.tensor([1024, 4096], dtype=torch.int32))
+    assert sums.tolist() == [[1024] * 2, [3072] * 2]
+
+
 class HostReads(TorchDispatchMode):
     """Counts the aten ops that read device memory back to the host (on CUDA, each stalls the stream). The
     project's custom ops (mm_moe::grouped_mm, ...) are run through their Python implementation, so that what they
