@@ -10,7 +10,17 @@ from moe_reference import expert_ffn
 
 from mm_moe.config import FFNConfig
 from mm_moe.moe import GroupedExperts, RoutingStats, activation_by_modality, build_ffn
-from mm_moe.moe.routing import RouterOutput, TopKRouter, XMoERouter, balance_loss, drop_over_capacity, update_routers, z_loss
+from mm_moe.moe.routing import (
+    RouterOutput,
+    TopKRouter,
+    XMoERouter,
+    argmax_top2,
+    balance_loss,
+    drop_over_capacity,
+    top_indices,
+    update_routers,
+    z_loss,
+)
 
 
 def test_balance_loss_hand_computed():
@@ -25,6 +35,21 @@ def test_balance_loss_hand_computed():
     # perfectly balanced routing gives the minimum, 1
     uniform = torch.full((4, 4), 0.25)
     assert balance_loss(uniform, torch.arange(4), torch.ones(4, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("experts", [3, 8, 80])
+def test_top_indices_equal_topk(k, experts):
+    scores = torch.randn(200, experts, generator=torch.Generator().manual_seed(experts))
+    assert torch.equal(top_indices(scores, k), scores.topk(k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("experts", [3, 8, 80])
+def test_argmax_top2_equals_topk_and_breaks_ties_to_the_lower_index(experts):
+    scores = torch.randn(200, experts, generator=torch.Generator().manual_seed(experts))
+    assert torch.equal(argmax_top2(scores), scores.topk(2, dim=-1).indices)
+    tied = torch.tensor([[0.1, 0.5, 0.5, 0.2], [0.3, 0.3, 0.3, 0.3], [0.0, 0.9, 0.1, 0.9]])
+    assert argmax_top2(tied).tolist() == [[1, 2], [0, 1], [1, 3]]
 
 
 def test_z_loss_hand_computed():
