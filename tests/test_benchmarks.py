@@ -369,3 +369,13 @@ def test_bench_checkpoint_times_sync_and_background_saves_and_bench_data_both_re
     assert "indexing the shards once" in out
     rates = next(line for line in out.splitlines() if line.startswith("| 0 |")).strip("|").split("|")
     assert float(rates[1]) > 0 and float(rates[2]) > 0
+
+
+def test_bench_moe_ops_times_each_op_against_what_it_replaces():
+    """One row per size with every time measured and the ratio of the two."""
+    out = subprocess.run([sys.executable, "benchmarks/bench_moe_ops.py", "--tokens", "64", "--rounds", "1"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = [line.strip("|").split("|") for line in out.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) == 4 + 4, out
+    for row in rows:
+        assert all(float(v.strip().rstrip("x")) > 0 for v in row[2:]), row
