@@ -127,13 +127,13 @@ def test_group_sums_are_each_groups_row_sums_accumulated_in_float32(dtype):
     """Against plain per-group sums, an empty group included; bf16 rows are summed in float32 (4096 ones: a bf16
     accumulator would stop at 256)."""
     g = torch.randn(10, 3).to(dtype)
-    offs = torch.tensor([3, 3, 7, 10], dtype=torch.int32)
+    offs, expert = torch.tensor([3, 3, 7, 10], dtype=torch.int32), torch.tensor([0] * 3 + [2] * 4 + [3] * 3)
     expected = torch.stack([g[s:e].float().sum(0) for s, e in zip([0, 3, 3, 7], [3, 3, 7, 10], strict=True)])
-    out = grouped_mm_ops.group_sums(g, offs)
+    out = grouped_mm_ops.group_sums(g, offs, expert)
     assert out.dtype == dtype and not out[1].any()
     torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)
     ones = torch.ones(4096, 2, dtype=dtype)
-    sums = grouped_mm_ops.group_sums(ones, torch.tensor([1024, 4096], dtype=torch.int32))
+    sums = grouped_mm_ops.group_sums(ones, torch.tensor([1024, 4096], dtype=torch.int32), (torch.arange(4096) >= 1024).long())
     assert sums.tolist() == [[1024] * 2, [3072] * 2]
 
 

@@ -348,7 +348,7 @@ class _ExpertFFN(torch.autograd.Function):
         fold = norm_w is not None and spec.fold
         g_w2f = grouped_mm_wgrad(a, gy, offs, loop) if need["w2"] or (fold and (need["norm_w"] or need["norm_b"])) \
             else None
-        g_b2f = group_sums(gy, offs, loop) if b2f is not None else None
+        g_b2f = group_sums(gy, offs, e, loop) if b2f is not None else None
         g_w2, g_b2, g_nw, g_nb = g_w2f, g_b2f, None, None
         if norm_w is not None:
             if fold:  # W2f = w * W2, b2f = b2 + b W2 (`_fold_subln`)
@@ -357,7 +357,7 @@ class _ExpertFFN(torch.autograd.Function):
                 g_nw, g_nb = (g_w2f * w2).sum(2), (g_b2f[:, None, :] * w2).sum(2)
                 g_b2 = g_b2f if b2 is not None else None
             else:  # a = n * w[expert] + b[expert]
-                g_nw, g_nb = group_sums(u * n, offs, loop), group_sums(u, offs, loop)
+                g_nw, g_nb = group_sums(u * n, offs, e, loop), group_sums(u, offs, e, loop)
                 u = u * norm_w.to(dtype).index_select(0, e)
             u = torch.ops.aten.native_layer_norm_backward(u.float(), act.float(), act.shape[-1:], mean, rstd, None,
                                                           None, [True, False, False])[0].to(dtype)
@@ -365,8 +365,8 @@ class _ExpertFFN(torch.autograd.Function):
             g_z, g_gate = torch.ops.aten.gelu_backward(u, z), None
         else:
             g_z, g_gate = u * F.silu(gate), torch.ops.aten.silu_backward(u * z, gate)
-        g_b1 = group_sums(g_z, offs, loop) if b1 is not None else None
-        g_b3 = group_sums(g_gate, offs, loop) if b3 is not None else None
+        g_b1 = group_sums(g_z, offs, e, loop) if b1 is not None else None
+        g_b3 = group_sums(g_gate, offs, e, loop) if b3 is not None else None
         xs = x.to(dtype) if not ctx.has_rows else x.to(dtype).index_select(0, idx[0])
         g_x = None
         if need["x"]:
