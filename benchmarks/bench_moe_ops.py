@@ -5,6 +5,7 @@
   the router (`top_indices`) takes the argmax passes from ARGMAX_TOP2_MIN_EXPERTS experts, torch.topk below;
 - the per-expert sums of bias gradients: `group_sums` (on the CPU an index_add over the rows' experts) against the
   grouped GEMM of a column of ones it used before, which runs one small product per expert there.
+On a GPU every call is timed between device synchronisations (there `group_sums` is that grouped GEMM).
 
     python benchmarks/bench_moe_ops.py
 """
@@ -18,22 +19,25 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_moe import sync
 
 from mm_moe.engine import init_distributed
 from mm_moe.moe.grouped_mm import group_sums, grouped_mm_wgrad
 from mm_moe.moe.routing import argmax_top2
 
 
-def times_us(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def times_us(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
     """Median microseconds per call of each function, over `rounds` rounds in a new random order each."""
     for f in fns.values():
         f()
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name in random.sample(list(fns), len(fns)):
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(5):
                 fns[name]()
+            sync(device)
             ts[name].append((time.perf_counter() - t0) / 5 * 1e6)
     return {name: statistics.median(t) for name, t in ts.items()}
 
@@ -54,7 +58,8 @@ def main() -> None:
         for e in (8, 16, 30, 80):
             s = torch.randn(t, e, generator=g).softmax(-1).to(device)
             us = times_us({"topk": lambda s=s: s.topk(2, dim=-1).indices, "top": lambda s=s: argmax_top2(s),
-                           "ctopk": lambda s=s: compiled_topk(s), "ctop": lambda s=s: compiled_top(s)}, args.rounds)
+                           "ctopk": lambda s=s: compiled_topk(s), "ctop": lambda s=s: compiled_top(s)}, args.rounds,
+                          device)
             print(f"| {t} | {e} | {us['topk']:.0f} | {us['top']:.0f} | {us['topk'] / us['top']:.2f}x | "
                   f"{us['ctopk']:.0f} | {us['ctop']:.0f} | {us['ctopk'] / us['ctop']:.2f}x |")
     print("\n# per-expert row sums of g[N, o] (bias gradients): group_sums against the grouped GEMM of a ones column")
@@ -62,11 +67,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n, o, e in ((16384, 192, 80), (16384, 32, 80), (8192, 512, 8), (24832, 128, 15)):
         grad = torch.randn(n, o, generator=g).to(device)
-        counts = torch.bincount(torch.randint(0, e, (n,), generator=g), minlength=e)
-        offs = torch.cumsum(counts, 0).to(torch.int32).to(device)
+        expert = torch.sort(torch.randint(0, e, (n,), generator=g)).values.to(device)
+        offs = torch.cumsum(torch.bincount(expert, minlength=e), 0).to(torch.int32)
         ones = grad.new_ones(n, 1)
         us = times_us({"gemm": lambda grad=grad, offs=offs, ones=ones: grouped_mm_wgrad(ones, grad, offs),
-                       "sums": lambda grad=grad, offs=offs: group_sums(grad, offs)}, args.rounds)
+                       "sums": lambda grad=grad, offs=offs, expert=expert: group_sums(grad, offs, expert)}, args.rounds,
+                      device)
         print(f"| {n} | {o} | {e} | {us['gemm']:.0f} | {us['sums']:.0f} | {us['gemm'] / us['sums']:.2f}x |")
 
 

@@ -37,7 +37,7 @@ beat torch.topk at 30 and 80 experts and lose to it at 8 and 16 (`benchmarks/ben
 
 def top_indices(scores: Tensor, k: int) -> Tensor:
     """Long[T, k]: each row's k highest-scoring experts, highest first. Top-2 over ARGMAX_TOP2_MIN_EXPERTS experts
-    or more by `argmax_top2`, whose two passes compile to fused reductions, 1.3-1.9x faster than torch.topk on the
+    or more by `argmax_top2`, whose two passes compile to fused reductions, 1.3-1.8x faster than torch.topk on the
     CPU; otherwise torch.topk."""
     if k != 2 or scores.shape[-1] < ARGMAX_TOP2_MIN_EXPERTS:
         return scores.topk(k, dim=-1).indices
